@@ -1,0 +1,1 @@
+"""Shared machinery every method uses: configs, target matching, wrapping, adapter state."""

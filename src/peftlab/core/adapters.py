@@ -1,0 +1,248 @@
+"""Attaching, activating, merging and removing named adapters on a model.
+
+These functions are the whole public life cycle of an adapter; they are re-exported as
+``peftlab.attach``, ``peftlab.merge`` and so on.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+
+from torch import nn
+
+from ..errors import ConfigError, StateError, TargetError
+from .config import MethodConfig, parse_spec
+from .layer import AdapterLayer
+from .routing import Routing
+from .state import get_state, require_state
+from .targets import find_targets, get_submodule_parent, named_base_modules
+
+
+def build_configs(spec) -> list[MethodConfig]:
+    """A spec string, a config object, or a list of config objects -> list of validated configs."""
+    from ..methods import get_method
+
+    if isinstance(spec, MethodConfig):
+        spec.validate()
+        return [spec]
+    if isinstance(spec, (list, tuple)) and all(isinstance(c, MethodConfig) for c in spec):
+        for c in spec:
+            c.validate()
+        return list(spec)
+    if isinstance(spec, dict):
+        return [get_method(spec.get("method", "")).Config.from_dict(spec)]
+    configs = []
+    for method_name, settings in parse_spec(spec):
+        try:
+            configs.append(get_method(method_name).Config.from_dict(settings))
+        except TypeError as error:  # a dataclass rejecting a value of the wrong shape
+            raise ConfigError(f"{method_name}: {error}") from None
+    return configs
+
+
+def attach(model: nn.Module, spec, name: str = "default") -> nn.Module:
+    """Add adapter ``name`` to ``model`` (in place) and freeze everything else; returns the model.
+
+    ``spec`` is a spec string (``"lora[r=16,alpha=32]"``, methods joined by ``|``) or config object(s).
+    """
+    from ..methods import get_method
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"peftlab.attach expects a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(name, str) or not name or "." in name:
+        raise ConfigError(f"adapter name must be a non-empty string without dots, got {name!r}")
+    state = get_state(model, create=True)
+    if name in state.configs:
+        raise ConfigError(f"this model already has an adapter named {name!r}; pick another name or peftlab.delete it first")
+    configs = build_configs(spec)
+    plan = []  # (config, method, [module names]) all resolved before the model is touched
+    claimed = {}
+    for config in configs:
+        method = get_method(config.method)
+        names = find_targets(model, config, method.can_wrap)
+        for module_name in names:
+            if module_name in claimed:
+                raise TargetError(
+                    f"{config.method} and {claimed[module_name]} both target '{module_name}' in adapter {name!r}; "
+                    "give one of them an 'exclude' or narrower 'targets'"
+                )
+            claimed[module_name] = config.method
+        plan.append((config, method, names))
+    if not state.configs:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        state.base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    for config, method, names in plan:
+        for module_name in names:
+            layer = _wrap(model, module_name, state)
+            adapter = method.make_adapter(layer.base_layer, config, module_name)
+            layer.adapters[name] = adapter
+        for module_name in config.modules_to_save:
+            _unfreeze_module(model, module_name)
+    state.configs[name] = configs
+    state.active = [name]
+    _set_trainable(model, [name])
+    return model
+
+
+def _wrap(model: nn.Module, module_name: str, state) -> AdapterLayer:
+    parent, child = get_submodule_parent(model, module_name)
+    current = getattr(parent, child)
+    if isinstance(current, AdapterLayer):
+        return current
+    layer = AdapterLayer(current, state)
+    setattr(parent, child, layer)
+    return layer
+
+
+def _unfreeze_module(model: nn.Module, suffix: str) -> None:
+    found = [m for n, m in named_base_modules(model) if n == suffix or n.endswith("." + suffix)]
+    if not found:
+        raise TargetError(f"modules_to_save: no module named {suffix!r}; module names end with e.g. 'classifier' or 'score'")
+    for module in found:
+        for p in module.parameters():
+            p.requires_grad_(True)
+
+
+def adapter_layers(model: nn.Module, name: str | None = None):
+    """Yield ``(module name, AdapterLayer)`` for every wrapped module (holding ``name`` if given)."""
+    for module_name, module in model.named_modules():
+        if isinstance(module, AdapterLayer) and (name is None or name in module.adapters):
+            yield module_name, module
+
+
+def set_active(model: nn.Module, names) -> None:
+    """Apply these adapters (one name or a list, summed in order) to every row."""
+    state = require_state(model)
+    names = [names] if isinstance(names, str) else list(names)
+    state.check_known(names)
+    state.active = names
+    _set_trainable(model, names)
+
+
+def _set_trainable(model, names) -> None:
+    for _, layer in adapter_layers(model):
+        for adapter_name, adapter in layer.adapters.items():
+            for p in adapter.parameters():
+                p.requires_grad_(adapter_name in names)
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module):
+    """Inside this block the model is exactly the base model."""
+    state = require_state(model)
+    previous, state.disabled = state.disabled, True
+    try:
+        yield model
+    finally:
+        state.disabled = previous
+
+
+@contextlib.contextmanager
+def routing(model: nn.Module, row_adapters):
+    """Run each batch row through its own adapter (``None`` = the base model).
+
+    The rows are grouped by adapter once, here; every layer of every forward inside the block
+    (including each step of ``generate``) reuses that grouping.
+    """
+    state = require_state(model)
+    state.check_known(row_adapters)
+    previous, state.routing = state.routing, Routing(row_adapters)
+    try:
+        yield model
+    finally:
+        state.routing = previous
+
+
+def merge(model: nn.Module, name: str = "default") -> None:
+    """Fold adapter ``name`` into the base weights; forward results stay the same."""
+    state = require_state(model)
+    state.check_known([name])
+    if name in state.merged:
+        raise StateError(f"adapter {name!r} is already merged")
+    _check_mergeable(state, name)
+    for _, layer in adapter_layers(model, name):
+        layer.adapters[name].merge(layer.base_layer)
+    state.merged.append(name)
+    if name not in state.active:
+        state.active.append(name)
+
+
+def unmerge(model: nn.Module, name: str = "default") -> None:
+    """Take a merged adapter back out of the base weights."""
+    state = require_state(model)
+    if name not in state.merged:
+        raise StateError(f"adapter {name!r} is not merged (merged: {state.merged or 'none'})")
+    for _, layer in adapter_layers(model, name):
+        layer.adapters[name].unmerge(layer.base_layer)
+    state.merged.remove(name)
+
+
+def _check_mergeable(state, name) -> None:
+    from ..methods import get_method
+
+    for config in state.configs[name]:
+        if not get_method(config.method).MERGEABLE:
+            raise StateError(f"adapter {name!r} uses {config.method}, which cannot be merged into the base weights")
+
+
+def delete(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name``; layers left with no adapters go back to their plain modules."""
+    state = require_state(model)
+    state.check_known([name])
+    if name in state.merged:
+        unmerge(model, name)
+    for module_name, layer in list(adapter_layers(model, name)):
+        layer.adapters[name].detach_from(layer.base_layer)
+        del layer.adapters[name]
+        if not len(layer.adapters):
+            parent, child = get_submodule_parent(model, module_name)
+            setattr(parent, child, layer.base_layer)
+    del state.configs[name]
+    state.active = [n for n in state.active if n != name]
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every peftlab module and return the plain model. Merged adapters stay in the
+    weights (merge first to keep an adapter's effect); unmerged ones are dropped."""
+    state = require_state(model)
+    for module_name, layer in list(adapter_layers(model)):
+        for name, adapter in layer.adapters.items():
+            if name not in state.merged:
+                adapter.detach_from(layer.base_layer)
+        parent, child = get_submodule_parent(model, module_name)
+        setattr(parent, child, layer.base_layer)
+    delattr(model, "_peftlab_state")
+    return model
+
+
+def summary(model: nn.Module) -> dict:
+    """Trainable and total parameter counts, overall and per adapter and per method."""
+    state = get_state(model)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    per_adapter, per_method = defaultdict(int), defaultdict(int)
+    if state is not None:
+        for _, layer in adapter_layers(model):
+            for name, adapter in layer.adapters.items():
+                count = sum(p.numel() for p in adapter.parameters())
+                per_adapter[name] += count
+                per_method[_method_of(adapter, state.configs[name])] += count
+    adapter_total = sum(per_adapter.values())
+    return {
+        "total": total,
+        "base": total - adapter_total,
+        "trainable": trainable,
+        "trainable_percent": round(100.0 * trainable / max(total, 1), 4),
+        "adapters": dict(per_adapter),
+        "methods": dict(per_method),
+        "active": list(state.active) if state else [],
+        "merged": list(state.merged) if state else [],
+    }
+
+
+def _method_of(adapter, configs) -> str:
+    if len(configs) == 1:
+        return configs[0].method
+    module = type(adapter).__module__.rsplit(".", 1)[-1]
+    return next((c.method for c in configs if c.method == module), configs[0].method)

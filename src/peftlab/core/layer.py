@@ -1,0 +1,92 @@
+"""The one wrapper every module-wrapping method shares.
+
+``AdapterLayer`` replaces a module (a Linear, an Embedding, ...) in its parent, keeps the
+original as ``base_layer`` and holds any number of named adapters. An adapter is a small
+``nn.Module`` whose ``forward(x, base_out)`` returns what to add to the base output. The
+active-adapter loop, disabling, routing and merge bookkeeping live here once, not in each method.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import StateError
+
+
+class AdapterLayer(nn.Module):
+    def __init__(self, base_layer: nn.Module, state):
+        super().__init__()
+        self.base_layer = base_layer
+        self.adapters = nn.ModuleDict()
+        object.__setattr__(self, "_state", state)  # shared, not a submodule
+
+    def __getattr__(self, name):
+        # Let model code read the wrapped module's attributes (``.weight``, ``.in_features``).
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base_layer", "adapters"):
+                raise
+            return getattr(self.base_layer, name)
+
+    def forward(self, x, *args, **kwargs):
+        state = self._state
+        adapters = self.adapters
+        if state.disabled:
+            if any(n in adapters for n in state.merged):
+                raise StateError(f"adapters {state.merged} are merged into the weights; peftlab.unmerge them before disabling")
+            out = self.base_layer(x, *args, **kwargs)
+            return self._restore_base(x, out, adapters.keys())
+        routing = state.routing
+        if routing is None:
+            active = [n for n in state.active if n in adapters and n not in state.merged]
+            if len(active) == 1 and not args and not kwargs:
+                fused = getattr(adapters[active[0]], "fused_forward", None)
+                if fused is not None:
+                    out = fused(self.base_layer, x)
+                    if out is not None:
+                        return self._restore_base(x, out, [n for n in adapters.keys() if n != active[0]])
+            out = self.base_layer(x, *args, **kwargs)
+            for name in active:
+                out = out + adapters[name](x, out)
+            inactive = [n for n in adapters.keys() if n not in active and n not in state.merged]
+            return self._restore_base(x, out, inactive)
+        return self._routed_forward(x, args, kwargs, routing)
+
+    def _routed_forward(self, x, args, kwargs, routing):
+        state = self._state
+        if any(n in self.adapters for n in state.merged):
+            raise StateError(f"adapters {state.merged} are merged into the weights; unmerge them before routing rows to adapters")
+        if x.shape[0] != routing.rows:
+            raise StateError(
+                f"routing names {routing.rows} rows but the batch has {x.shape[0]}; give one adapter (or None) per row "
+                "(beam search and num_return_sequences > 1 change the batch size and are not supported with routing)"
+            )
+        out = self.base_layer(x, *args, **kwargs)
+        segments = routing.segments(x.device)
+        for name, adapter in self.adapters.items():
+            rows = segments.get(name)
+            correction = adapter.inactive_delta if getattr(adapter, "alters_base", False) else None
+            if correction is not None:  # adapters that changed the base (PiSSA) restore it on other rows
+                out = out + correction(x)
+            if rows is None:
+                continue
+            if len(rows) == routing.rows:
+                x_rows, out_rows = x, out
+            else:
+                x_rows, out_rows = x.index_select(0, rows), out.index_select(0, rows)
+            delta = adapter(x_rows, out_rows)
+            if correction is not None:
+                delta = delta - correction(x_rows)
+            out = out + delta if len(rows) == routing.rows else out.index_add(0, rows, delta)
+        return out
+
+    def _restore_base(self, x, out, names):
+        for name in names:
+            adapter = self.adapters[name]
+            if getattr(adapter, "alters_base", False):
+                out = out + adapter.inactive_delta(x)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"adapters={list(self.adapters.keys())}"

@@ -1,0 +1,116 @@
+"""Which modules of a model a method attaches to.
+
+A target is a module-name suffix (``q_proj`` matches ``model.layers.3.self_attn.q_proj``),
+a regex on the full name written ``re:<regex>``, or ``all-linear``: every linear layer except
+the output head (QLoRA's recipe). ``layers`` keeps modules of some block indices only;
+``exclude`` removes names or regexes. A spec that matches nothing is an error that names the
+module names closest to what was asked for.
+"""
+from __future__ import annotations
+
+import difflib
+import re
+
+from torch import nn
+
+from ..errors import TargetError
+from .layer import AdapterLayer
+
+ALL_LINEAR = "all-linear"
+_LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear, or GPT-2 style Conv1D (a linear layer with its weight stored transposed)."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def named_base_modules(model: nn.Module):
+    """Yield ``(name, module)`` as if no adapters were attached: a wrapped module appears under
+    its original name and the adapters' own submodules are skipped."""
+
+    def walk(module, prefix):
+        for child_name, child in module.named_children():
+            name = f"{prefix}.{child_name}" if prefix else child_name
+            if isinstance(child, AdapterLayer):
+                yield name, child.base_layer
+                continue
+            yield name, child
+            yield from walk(child, name)
+
+    yield from walk(model, "")
+
+
+def output_head_names(model: nn.Module) -> set:
+    """Names of modules that produce the model's outputs (never wrapped by ``all-linear``)."""
+    heads = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    for name, module in named_base_modules(model):
+        if out is not None and (module is out or (isinstance(out, AdapterLayer) and module is out.base_layer)):
+            heads.add(name)
+        if name.split(".")[-1] in ("lm_head", "score", "classifier", "qa_outputs"):
+            heads.add(name)
+    return heads
+
+
+def layer_index(name: str) -> int | None:
+    found = _LAYER_INDEX.search(name)
+    return int(found.group(1)) if found else None
+
+
+def _matches(name: str, pattern: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return name == pattern or name.endswith("." + pattern)
+
+
+def find_targets(model: nn.Module, config, can_wrap) -> list[str]:
+    """Module names the config selects, checked to be wrappable by the method."""
+    modules = dict(named_base_modules(model))
+    targets = config.targets
+    if isinstance(targets, str) and targets != ALL_LINEAR:
+        targets = [targets]
+    if targets == ALL_LINEAR:
+        heads = output_head_names(model)
+        chosen = [n for n, m in modules.items() if is_linear(m) and n not in heads]
+    else:
+        chosen = [n for n in modules if any(_matches(n, p) for p in targets)]
+        # a suffix that names a container (e.g. "self_attn") is not a target; its children may be
+        chosen = [n for n in chosen if can_wrap(modules[n]) or not list(modules[n].children())]
+    if config.layers is not None:
+        chosen = [n for n in chosen if layer_index(n) in set(config.layers)]
+    chosen = [n for n in chosen if not any(_matches(n, p) for p in config.exclude)]
+    if not chosen:
+        raise TargetError(_nothing_matched(config, modules))
+    for name in chosen:
+        if not can_wrap(modules[name]):
+            raise TargetError(
+                f"{config.method}: target '{name}' is a {type(modules[name]).__name__}, which {config.method} cannot wrap; "
+                "choose linear or embedding layers (see peftlab.summary or print(model) for names)"
+            )
+    return chosen
+
+
+def _nothing_matched(config, modules: dict) -> str:
+    asked = config.targets if isinstance(config.targets, list) else [config.targets]
+    names = list(modules)
+    leaves = sorted({n.split(".")[-1] for n in names})
+    hints = []
+    for pattern in asked:
+        plain = str(pattern).removeprefix("re:")
+        hints += difflib.get_close_matches(plain.split(".")[-1], leaves, n=3, cutoff=0.4)
+        hints += difflib.get_close_matches(plain, names, n=2, cutoff=0.6)
+    hints = list(dict.fromkeys(hints)) or leaves[:8]
+    where = f" in layers {config.layers}" if config.layers is not None else ""
+    excluded = f" after excluding {config.exclude}" if config.exclude else ""
+    return (
+        f"{config.method}: targets {asked}{where}{excluded} matched no module of this model. "
+        f"Closest module names: {', '.join(hints)}. Use a suffix such as 'q_proj', a regex 're:...', or 'all-linear'."
+    )
+
+
+def get_submodule_parent(model: nn.Module, name: str):
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    return parent, child
