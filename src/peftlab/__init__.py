@@ -10,6 +10,7 @@ from .core.adapters import attach, delete, disabled, merge, routing, set_active,
 from .errors import (  # noqa: E402
     AdapterFormatError,
     ConfigError,
+    DataError,
     IncompatibleBaseError,
     PeftlabError,
     StateError,
@@ -22,5 +23,5 @@ from .methods import METHODS  # noqa: E402
 __all__ = [
     "attach", "summary", "save", "load", "set_active", "disabled", "routing", "merge", "unmerge", "unload", "delete",
     "METHODS", "PeftlabError", "ConfigError", "TargetError", "AdapterFormatError", "IncompatibleBaseError",
-    "StateError", "TrainingError",
+    "StateError", "TrainingError", "DataError",
 ]

@@ -31,3 +31,7 @@ class StateError(PeftlabError, RuntimeError):
 
 class TrainingError(PeftlabError, RuntimeError):
     """Training stopped on purpose, e.g. on a NaN or infinite loss."""
+
+
+class DataError(PeftlabError, ValueError):
+    """Training data that cannot be read or does not have the columns asked for."""

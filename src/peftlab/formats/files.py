@@ -8,11 +8,15 @@ import tempfile
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from ..errors import AdapterFormatError, PeftlabError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def atomic_write(path: Path, write) -> None:
@@ -24,40 +28,79 @@ def atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the file the usual mode
         os.replace(tmp, path)
     except OSError as error:
         Path(tmp).unlink(missing_ok=True)
-        if error.errno == errno.ENOSPC:
-            raise PeftlabError(f"no space left on the device while writing {path}; free some space or choose another "
-                               "output folder (the previous file, if any, is untouched)") from None
-        raise
+        _raise_io(error, [path])
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def write_files(files: dict) -> None:
+    """Write ``{path: bytes}`` so that either every file is replaced or none is: all contents go
+    to synced temporary files first, and only then are they renamed into place. A full disk (or
+    any write error) leaves the previous files, a consistent set, untouched."""
+    staged = []
+    try:
+        for path, data in files.items():
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            staged.append((tmp, path))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_UMASK)
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    except OSError as error:
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
+        _raise_io(error, [p for _, p in staged] or list(files))
+    except BaseException:
+        for tmp, _ in staged:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _raise_io(error: OSError, paths) -> None:
+    if error.errno == errno.ENOSPC:
+        names = ", ".join(str(p) for p in paths)
+        raise PeftlabError(f"no space left on the device while writing {names}; free some space or choose another "
+                           "output folder (the previous files, if any, are untouched)") from None
+    raise error
+
+
+def json_bytes(data: dict) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+
+
+def tensor_bytes(tensors: dict, metadata: dict | None = None) -> bytes:
+    """A safetensors file's bytes. Serialised in memory so that a write error is an ``OSError``
+    with its errno (safetensors' own file writer reports a full disk as a generic error)."""
+    return save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+
+
 def write_json(path: Path, data: dict) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-    atomic_write(path, write)
+    write_files({Path(path): json_bytes(data)})
+
+
+def write_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
+    write_files({Path(path): tensor_bytes(tensors, metadata)})
 
 
 def read_json(path: Path) -> dict:
     try:
         with open(path) as f:
             data = json.load(f)
-    except json.JSONDecodeError as error:
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise AdapterFormatError(f"{path} is not valid JSON ({error}); the file is corrupt or truncated — re-save the adapter") from None
     if not isinstance(data, dict):
         raise AdapterFormatError(f"{path} should hold a JSON object, found {type(data).__name__}")
     return data
-
-
-def write_tensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def read_tensors(path: Path) -> tuple[dict, dict]:

@@ -1,0 +1,162 @@
+"""One LoRA training step on SmolLM2-135M: peftlab vs HF PEFT vs the frozen floor.
+
+    .venv/bin/python benchmarks/train_step.py [--steps 7] [--rounds 2]
+
+Setup (the issue's): r=16, alpha=32, every linear layer but the head, batch 4 x 128 tokens,
+fp32, AdamW. The floor is the frozen model's forward plus the backward to its inputs, with no
+adapter: no LoRA implementation can beat it. Each configuration runs in its own process (so
+peak memory is its own), configurations alternate round by round (so drift in this shared
+machine's speed hits all of them alike), and step times are medians after two warm-up steps.
+Prints one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+MODES = ("floor", "hf_peft", "peftlab")
+CACHE = Path(os.environ.get("PEFTLAB_BENCH_CACHE", "/tmp/peftlab-bench")) / "smollm2-135m-fp32"
+
+
+def cached_model_dir() -> Path:
+    """SmolLM2 dequantized once to fp32 safetensors, so every process loads it the same cheap way."""
+    if not (CACHE / "model.safetensors").exists():
+        from safetensors.torch import save_model
+
+        from peftlab.models import load_model
+
+        model, _ = load_model("smollm2-135m")
+        CACHE.mkdir(parents=True, exist_ok=True)
+        model.config.to_json_file(CACHE / "config.json")
+        save_model(model, str(CACHE / "model.safetensors"))
+    return CACHE
+
+
+def load_cached_model():
+    import torch
+    from safetensors.torch import load_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = cached_model_dir()
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
+    load_model(model, str(folder / "model.safetensors"))
+    return model
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakSampler(threading.Thread):
+    """Samples resident memory every millisecond; ru_maxrss would include model loading."""
+
+    def __init__(self):
+        super().__init__(daemon=True)
+        self.peak, self.running = rss_bytes(), True
+
+    def run(self):
+        while self.running:
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(0.001)
+
+
+def run_mode(mode: str, steps: int, threads: int) -> dict:
+    import resource
+
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = load_cached_model()
+    model.config.use_cache = False
+    if mode == "floor":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+    elif mode == "hf_peft":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
+    else:
+        import peftlab
+
+        peftlab.attach(model, "lora[r=16,alpha=32,targets=all-linear]")
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (4, 128), generator=generator)
+    weights_rss = rss_bytes()
+    sampler = PeakSampler()
+    sampler.start()
+    times, losses = [], []
+    for _ in range(steps + 2):
+        start = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+        losses.append(loss.item())
+    sampler.running = False
+    sampler.join()
+    return {
+        "mode": mode,
+        "step_seconds": times[2:],
+        "trainable_params": trainable,
+        "rss_after_load_gb": weights_rss / 1e9,
+        "peak_rss_train_gb": sampler.peak / 1e9,
+        "peak_rss_process_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,
+        "first_loss": losses[0],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=7, help="timed steps per process (after 2 warm-up steps)")
+    parser.add_argument("--rounds", type=int, default=2, help="processes per configuration, alternating")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.mode:
+        print(json.dumps(run_mode(args.mode, args.steps, args.threads)))
+        return
+    cached_model_dir()
+    runs = {mode: [] for mode in MODES}
+    for _ in range(args.rounds):
+        for mode in MODES:
+            cmd = [sys.executable, __file__, "--mode", mode, "--steps", str(args.steps), "--threads", str(args.threads)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+            runs[mode].append(json.loads(out.strip().splitlines()[-1]))
+    report = {"setup": {"model": "SmolLM2-135M-Instruct", "lora": "r=16 alpha=32 all-linear", "batch": "4x128",
+                        "dtype": "float32", "threads": args.threads, "steps_per_process": args.steps, "rounds": args.rounds}}
+    for mode, results in runs.items():
+        report[mode] = {
+            "median_step_s": round(statistics.median(t for r in results for t in r["step_seconds"]), 4),
+            "peak_rss_train_gb": round(max(r["peak_rss_train_gb"] for r in results), 3),
+            "peak_rss_process_gb": round(max(r["peak_rss_process_gb"] for r in results), 3),
+            "trainable_params": results[0]["trainable_params"],
+            "first_loss": round(results[0]["first_loss"], 5),
+        }
+    floor, hf, ours = (report[m]["median_step_s"] for m in MODES)
+    report["ratios"] = {
+        "peftlab_vs_floor_time": round(ours / floor, 3),
+        "peftlab_vs_hf_peft_time": round(ours / hf, 3),
+        "hf_peft_vs_floor_time": round(hf / floor, 3),
+        "peftlab_vs_hf_peft_peak_rss": round(report["peftlab"]["peak_rss_train_gb"] / report["hf_peft"]["peak_rss_train_gb"], 3),
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

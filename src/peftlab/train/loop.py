@@ -1,0 +1,332 @@
+"""The training loop: plain PyTorch, one screen per idea, no callbacks.
+
+    for step in range(start, steps):
+        set the learning rate for this step        (warmup, then cosine / linear / constant)
+        forward + backward grad_accum micro-batches (loss averaged over them)
+        stop on a NaN / inf loss or gradient        (before the bad update touches the weights)
+        clip the gradient norm, AdamW step
+        evaluate / checkpoint when due
+
+Everything a resumed run needs is a function of (seed, step, data position) plus the tensors in
+the checkpoint, so a run killed at any point and resumed ends with the same weights and losses as
+one that never stopped.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+import warnings
+
+import torch
+from torch.utils.data import default_collate
+from tqdm.auto import tqdm
+
+from ..errors import StateError, TrainingError
+from .checkpoint import capture_rng, checkpoint_folder, has_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from .config import TRAJECTORY_KEYS, TrainConfig, TrainResult
+
+
+def train(model: torch.nn.Module, data, cfg: TrainConfig | None = None, eval_fn=None) -> TrainResult:
+    """Train the trainable parameters of ``model`` on ``data``; return a ``TrainResult``.
+
+    ``model(**batch)`` must return an object with ``.loss`` (Hugging Face models do when the batch
+    has ``labels``). ``data`` is a map-style dataset; its ``collate(list_of_examples)`` makes a batch
+    if it has one. ``eval_fn(model) -> dict`` runs every ``cfg.eval_every`` steps and at the end,
+    in eval mode without gradients, and never disturbs the training random streams.
+    """
+    cfg = cfg or TrainConfig()
+    if len(data) == 0:
+        raise TrainingError("the training data is empty")
+    device = resolve_device(cfg.device)
+    was_training = model.training
+    prepare_model(model, device)
+    params = trainable_parameters(model)
+    optimizer = make_optimizer(params, cfg)
+    order = DataOrder(len(data), cfg.seed)
+    collate = getattr(data, "collate", None) or default_collate
+    run = start_or_resume(cfg, params, optimizer)
+
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=run.steps, disable=not cfg.progress, desc="train", unit="step",
+               dynamic_ncols=True)
+    try:
+        for step in range(run.steps, cfg.steps):
+            started = time.perf_counter()
+            lr = lr_at(step, cfg)
+            loss, tokens = train_step(model, data, collate, order, run.position, optimizer, params, lr, step, cfg,
+                                      device)
+            run.record(loss, lr, tokens, time.perf_counter() - started, cfg)
+            if run.steps % cfg.log_every == 0 or run.steps == cfg.steps:
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{run.session_tokens_per_second():.0f}")
+            bar.update(1)
+            if eval_fn is not None and due(run.steps, cfg.eval_every, cfg.steps):
+                run.eval_history.append(evaluate(model, eval_fn, run.steps))
+                bar.write(f"step {run.steps}: {format_metrics(run.eval_history[-1])}")
+            if cfg.out_dir and due(run.steps, cfg.save_every, cfg.steps):
+                save_checkpoint(checkpoint_folder(cfg.out_dir), run.steps, params, optimizer, run.progress(cfg))
+    finally:
+        bar.close()
+        model.train(was_training)
+    if eval_fn is not None and (not run.eval_history or run.eval_history[-1]["step"] != run.steps):
+        run.eval_history.append(evaluate(model, eval_fn, run.steps))  # e.g. resumed from a finished run
+    return run.result(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"device {name!r} asked for, but torch sees no CUDA GPU; use device='cpu' or 'auto'")
+    return device
+
+
+def prepare_model(model: torch.nn.Module, device: torch.device) -> None:
+    """Move the model to ``device``. On CPU, half-precision weights are cast to fp32: CPUs have no
+    fast bf16/fp16 matmul (about 30x slower than fp32 on a typical laptop)."""
+    if any(p.device != device for p in model.parameters()):
+        model.to(device)
+    if device.type == "cpu" and any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters()):
+        model.float()
+
+
+def trainable_parameters(model: torch.nn.Module) -> dict:
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise StateError("the model has no trainable parameters; attach an adapter first, "
+                         "e.g. peftlab.attach(model, 'lora[r=16]')")
+    return params
+
+
+def make_optimizer(params: dict, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only: decaying biases and norm scales toward zero
+    hurts more than it regularizes (the usual GPT recipe)."""
+    decay = [p for p in params.values() if p.dim() >= 2]
+    no_decay = [p for p in params.values() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    try:
+        import numpy as np
+        np.random.seed(seed)
+    except ImportError:
+        pass
+
+
+class _Run:
+    """The mutable progress of one run: what a checkpoint stores besides tensors."""
+
+    def __init__(self):
+        self.steps, self.position, self.tokens, self.train_seconds = 0, 0, 0, 0.0
+        self.losses, self.learning_rates, self.eval_history = [], [], []
+        self.resumed_from = None
+        self.session_tokens, self.session_seconds = 0, 0.0  # this process only, for the progress bar
+
+    def record(self, loss: float, lr: float, tokens: int, seconds: float, cfg: TrainConfig) -> None:
+        self.steps += 1
+        self.position += cfg.batch_size * cfg.grad_accum
+        self.losses.append(loss)
+        self.learning_rates.append(lr)
+        self.tokens, self.session_tokens = self.tokens + tokens, self.session_tokens + tokens
+        self.train_seconds, self.session_seconds = self.train_seconds + seconds, self.session_seconds + seconds
+
+    def session_tokens_per_second(self) -> float:
+        return self.session_tokens / max(self.session_seconds, 1e-9)
+
+    def progress(self, cfg: TrainConfig) -> dict:
+        return {"position": self.position, "losses": self.losses, "learning_rates": self.learning_rates,
+                "eval_history": self.eval_history, "tokens": self.tokens, "train_seconds": self.train_seconds,
+                "config": cfg.to_dict()}
+
+    def result(self, device) -> TrainResult:
+        return TrainResult(steps=self.steps, losses=list(self.losses), learning_rates=list(self.learning_rates),
+                           eval_history=list(self.eval_history), train_seconds=self.train_seconds, tokens=self.tokens,
+                           tokens_per_second=self.tokens / self.train_seconds if self.train_seconds else 0.0,
+                           peak_memory_mb=peak_memory_mb(device), device=str(device), resumed_from=self.resumed_from)
+
+
+def start_or_resume(cfg: TrainConfig, params: dict, optimizer) -> _Run:
+    """A fresh run seeds every generator; a resumed one restores weights, optimizer, generators
+    and history from ``out_dir/checkpoint`` (and starts fresh when there is none yet)."""
+    run = _Run()
+    folder = checkpoint_folder(cfg.out_dir) if cfg.out_dir else None
+    if not (cfg.resume and has_checkpoint(folder)):
+        seed_everything(cfg.seed)
+        return run
+    state = load_checkpoint(folder, params, optimizer)
+    changed = [k for k in TRAJECTORY_KEYS if state.get("config", {}).get(k) != getattr(cfg, k)]
+    if changed:
+        warnings.warn(f"resuming with different {', '.join(changed)} than the checkpoint was trained with; "
+                      "the result will differ from an uninterrupted run", stacklevel=3)
+    run.steps = run.resumed_from = state["step"]
+    run.position, run.tokens, run.train_seconds = state["position"], state["tokens"], state["train_seconds"]
+    run.losses, run.learning_rates, run.eval_history = state["losses"], state["learning_rates"], state["eval_history"]
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# One step
+
+
+def due(step: int, every: int, last: int) -> bool:
+    """Evaluations and checkpoints happen every ``every`` steps (0 = never) and after the last."""
+    return step == last or (every > 0 and step % every == 0)
+
+
+def train_step(model, data, collate, order, position: int, optimizer, params: dict, lr: float, step: int,
+               cfg: TrainConfig, device) -> tuple[float, int]:
+    """One optimizer step; return (mean loss, tokens). A non-finite loss or gradient raises
+    before ``optimizer.step()``, so the weights and optimizer state stay those of the last good step."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss, tokens = accumulate_gradients(model, data, collate, order, position, cfg, device)
+    grad_norm = clip_gradients(params, cfg.max_grad_norm)
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        raise non_finite_error(loss, grad_norm, step + 1, cfg)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, tokens
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of 0-based optimizer step ``step``: linear warmup to ``cfg.lr`` over
+    ``warmup_steps``, then cosine or linear decay toward 0 at ``cfg.steps``, or constant."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
+    if cfg.schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    if cfg.schedule == "linear":
+        return cfg.lr * (1.0 - progress)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class DataOrder:
+    """Which rows each batch gets: a seeded permutation per epoch, read as one endless stream.
+
+    Position ``p`` is row ``perm(p // n)[p % n]``, a pure function of (seed, p), so the position
+    alone restores the data order exactly on resume, and a batch may straddle two epochs.
+    """
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._epoch, self._perm = -1, None
+
+    def take(self, position: int, count: int) -> list[int]:
+        return [self._permutation(p // self.n)[p % self.n] for p in range(position, position + count)]
+
+    def _permutation(self, epoch: int) -> list[int]:
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=generator).tolist()
+        return self._perm
+
+
+def accumulate_gradients(model, data, collate, order: DataOrder, position: int, cfg: TrainConfig,
+                         device) -> tuple[float, int]:
+    """Forward and backward ``grad_accum`` micro-batches; return (mean loss, tokens seen).
+
+    Each micro-batch's loss is scaled by 1/grad_accum so the summed gradient is the mean's."""
+    total_loss, tokens = 0.0, 0
+    for micro in range(cfg.grad_accum):
+        indices = order.take(position + micro * cfg.batch_size, cfg.batch_size)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate([data[i] for i in indices]).items()}
+        loss = getattr(model(**batch), "loss", None)
+        if loss is None:
+            raise TrainingError("the model returned no loss; the batches need 'labels' "
+                                "(CausalLMData and ClassificationData add them)")
+        (loss / cfg.grad_accum).backward()
+        total_loss += loss.item() / cfg.grad_accum
+        tokens += count_tokens(batch)
+    return total_loss, tokens
+
+
+def count_tokens(batch: dict) -> int:
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    ids = batch.get("input_ids")
+    return ids.numel() if torch.is_tensor(ids) else 0
+
+
+def clip_gradients(params: dict, max_norm: float) -> float:
+    """Clip the global gradient norm to ``max_norm`` (0 = leave as is); return the norm before."""
+    grads = [p for p in params.values() if p.grad is not None]
+    if not grads:
+        raise TrainingError("no trainable parameter received a gradient; "
+                            "is the adapter on the path from input to loss?")
+    return float(torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm > 0 else float("inf")))
+
+
+def non_finite_error(loss: float, grad_norm: float, step: int, cfg: TrainConfig) -> TrainingError:
+    what = f"loss became {loss}" if not math.isfinite(loss) else f"gradient norm became {grad_norm} (loss {loss:.4g})"
+    folder = checkpoint_folder(cfg.out_dir) if cfg.out_dir else None
+    kept = (f"the last good checkpoint in {folder} is kept; resume=True continues from it"
+            if folder and has_checkpoint(folder) else "no checkpoint was written yet")
+    return TrainingError(
+        f"the {what} at step {step}; training stopped before this update reached the weights ({kept}). "
+        f"Try a lower learning rate (now lr={cfg.lr:g}), more warmup_steps or a smaller max_grad_norm, "
+        "and check the data for empty or garbled rows"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation and reporting
+
+
+def evaluate(model, eval_fn, step: int) -> dict:
+    """Run ``eval_fn(model)`` in eval mode without gradients. The generators are put back
+    afterwards, so evaluating (even sampling text) never changes what training does next."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), _preserved_rng():
+            metrics = eval_fn(model) or {}
+    finally:
+        model.train(was_training)
+    return {"step": step, **{key: _plain(value) for key, value in metrics.items()}}
+
+
+@contextlib.contextmanager
+def _preserved_rng():
+    tensors, rest = capture_rng()
+    try:
+        yield
+    finally:
+        restore_rng(tensors, rest)
+
+
+def _plain(value):
+    """Metric values as JSON numbers (checkpoints store the eval history as JSON)."""
+    if torch.is_tensor(value):
+        return value.item()
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    return value
+
+
+def format_metrics(metrics: dict) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items() if k != "step")
+
+
+def peak_memory_mb(device) -> float | None:
+    """Peak CUDA memory allocated on a GPU; on CPU the process's peak resident set (Linux, macOS)."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    try:
+        import resource
+        import sys
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
