@@ -14,7 +14,7 @@ from ..errors import ConfigError, StateError, TargetError
 from .config import MethodConfig, parse_spec
 from .layer import AdapterLayer
 from .routing import Routing
-from .state import get_state, require_state
+from .state import STATE_ATTR, get_state, require_state
 from .targets import find_targets, get_submodule_parent, named_base_modules
 
 
@@ -67,18 +67,42 @@ def attach(model: nn.Module, spec, name: str = "default") -> nn.Module:
                     "give one of them an 'exclude' or narrower 'targets'"
                 )
             claimed[module_name] = config.method
+        for suffix in config.modules_to_save:
+            _find_modules(model, suffix)
         plan.append((config, method, names))
-    if not state.configs:
-        for p in model.parameters():
-            p.requires_grad_(False)
+    # A method can still refuse a module while building its adapter (e.g. PiSSA on an embedding):
+    # undo everything done so far, so a failed attach leaves the model as it was.
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    first = not state.configs
+    touched = []
+    try:
+        if first:
+            for p in model.parameters():
+                p.requires_grad_(False)
+        for config, method, names in plan:
+            for module_name in names:
+                layer = _wrap(model, module_name, state)
+                touched.append((module_name, layer))
+                adapter = method.make_adapter(layer.base_layer, config, module_name)
+                adapter.train(layer.training)  # new modules start in train mode; follow the model's mode
+                layer.adapters[name] = adapter
+            for module_name in config.modules_to_save:
+                _unfreeze_module(model, module_name)
+    except BaseException:
+        for module_name, layer in reversed(touched):
+            if name in layer.adapters:
+                layer.adapters[name].detach_from(layer.base_layer)
+                del layer.adapters[name]
+            if not len(layer.adapters) and isinstance(model.get_submodule(module_name), AdapterLayer):
+                parent, child = get_submodule_parent(model, module_name)
+                setattr(parent, child, layer.base_layer)
+        for p, flag in requires_grad.items():
+            p.requires_grad_(flag)
+        if first:
+            delattr(model, STATE_ATTR)
+        raise
+    if first:
         state.base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-    for config, method, names in plan:
-        for module_name in names:
-            layer = _wrap(model, module_name, state)
-            adapter = method.make_adapter(layer.base_layer, config, module_name)
-            layer.adapters[name] = adapter
-        for module_name in config.modules_to_save:
-            _unfreeze_module(model, module_name)
     state.configs[name] = configs
     state.active = [name]
     _set_trainable(model, [name])
@@ -91,15 +115,22 @@ def _wrap(model: nn.Module, module_name: str, state) -> AdapterLayer:
     if isinstance(current, AdapterLayer):
         return current
     layer = AdapterLayer(current, state)
+    layer.train(current.training)
     setattr(parent, child, layer)
     return layer
 
 
-def _unfreeze_module(model: nn.Module, suffix: str) -> None:
+def _find_modules(model: nn.Module, suffix) -> list:
+    if not isinstance(suffix, str):
+        raise ConfigError(f"modules_to_save: module names must be strings, got {suffix!r}")
     found = [m for n, m in named_base_modules(model) if n == suffix or n.endswith("." + suffix)]
     if not found:
         raise TargetError(f"modules_to_save: no module named {suffix!r}; module names end with e.g. 'classifier' or 'score'")
-    for module in found:
+    return found
+
+
+def _unfreeze_module(model: nn.Module, suffix: str) -> None:
+    for module in _find_modules(model, suffix):
         for p in module.parameters():
             p.requires_grad_(True)
 
@@ -146,7 +177,12 @@ def routing(model: nn.Module, row_adapters):
     (including each step of ``generate``) reuses that grouping.
     """
     state = require_state(model)
+    if isinstance(row_adapters, str) or not hasattr(row_adapters, "__iter__"):
+        raise ConfigError(f"routing needs one adapter name (or None) per batch row, as a list; got {row_adapters!r}")
+    row_adapters = list(row_adapters)
     state.check_known(row_adapters)
+    if state.merged:
+        raise StateError(f"adapters {state.merged} are merged into the weights; unmerge them before routing rows to adapters")
     previous, state.routing = state.routing, Routing(row_adapters)
     try:
         yield model
@@ -161,7 +197,9 @@ def merge(model: nn.Module, name: str = "default") -> None:
     if name in state.merged:
         raise StateError(f"adapter {name!r} is already merged")
     _check_mergeable(state, name)
-    for _, layer in adapter_layers(model, name):
+    layers = list(adapter_layers(model, name))
+    _check_untied(model, layers, name)
+    for _, layer in layers:
         layer.adapters[name].merge(layer.base_layer)
     state.merged.append(name)
     if name not in state.active:
@@ -184,6 +222,23 @@ def _check_mergeable(state, name) -> None:
     for config in state.configs[name]:
         if not get_method(config.method).MERGEABLE:
             raise StateError(f"adapter {name!r} uses {config.method}, which cannot be merged into the base weights")
+
+
+def _check_untied(model, layers, name) -> None:
+    """Merging into a weight that another module shares (tied input and output embeddings)
+    would change that module too, so the merged model would no longer match the unmerged one."""
+    owners = defaultdict(list)
+    for module_name, module in named_base_modules(model):
+        for p in module.parameters(recurse=False):
+            owners[id(p)].append(module_name)
+    for module_name, layer in layers:
+        weight = getattr(layer.base_layer, "weight", None)
+        others = [n for n in owners.get(id(weight), []) if n != module_name]
+        if weight is not None and others:
+            raise StateError(
+                f"adapter {name!r} cannot be merged: '{module_name}' shares its weight with {others} (tied embeddings), "
+                "so merging would change both; keep the adapter unmerged, or untie the weights before attaching"
+            )
 
 
 def delete(model: nn.Module, name: str) -> None:

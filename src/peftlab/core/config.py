@@ -42,14 +42,21 @@ class MethodConfig:
         if isinstance(self.targets, (list, tuple)) and not self.targets:
             raise ConfigError(f"{self.method}: 'targets' is an empty list; name at least one module or use 'all-linear'")
         if self.layers is not None:
-            if isinstance(self.layers, int):
+            if isinstance(self.layers, int) and not isinstance(self.layers, bool):
                 self.layers = [self.layers]
-            if not all(isinstance(i, int) and i >= 0 for i in self.layers):
+            if not isinstance(self.layers, (list, tuple)) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.layers):
                 raise ConfigError(f"{self.method}: 'layers' must be non-negative integers, got {self.layers!r}")
         for key in ("exclude", "modules_to_save"):
             value = getattr(self, key)
             if isinstance(value, str):
                 setattr(self, key, [value])
+        for key in ("targets", "exclude", "modules_to_save"):
+            value = getattr(self, key)
+            names = [value] if isinstance(value, str) else value
+            if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n for n in names):
+                raise ConfigError(f"{self.method}: '{key}' must be a module name or a list of module names "
+                                  f"(suffixes or 're:' regexes), got {value!r}")
 
     def to_dict(self) -> dict:
         return {"method": self.method, **dataclasses.asdict(self)}

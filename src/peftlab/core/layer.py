@@ -40,12 +40,14 @@ class AdapterLayer(nn.Module):
         routing = state.routing
         if routing is None:
             active = [n for n in state.active if n in adapters and n not in state.merged]
-            if len(active) == 1 and not args and not kwargs:
+            if (len(active) == 1 and not args and not kwargs and not _has_hooks(self.base_layer)
+                    and not torch.is_autocast_enabled(x.device.type)):  # fused paths compute in one dtype
                 fused = getattr(adapters[active[0]], "fused_forward", None)
                 if fused is not None:
                     out = fused(self.base_layer, x)
                     if out is not None:
-                        return self._restore_base(x, out, [n for n in adapters.keys() if n != active[0]])
+                        others = [n for n in adapters.keys() if n != active[0] and n not in state.merged]
+                        return self._restore_base(x, out, others)
             out = self.base_layer(x, *args, **kwargs)
             for name in active:
                 out = out + adapters[name](x, out)
@@ -62,23 +64,26 @@ class AdapterLayer(nn.Module):
                 f"routing names {routing.rows} rows but the batch has {x.shape[0]}; give one adapter (or None) per row "
                 "(beam search and num_return_sequences > 1 change the batch size and are not supported with routing)"
             )
-        out = self.base_layer(x, *args, **kwargs)
+        base_out = out = self.base_layer(x, *args, **kwargs)
         segments = routing.segments(x.device)
+        # Every adapter sees the base output, exactly as when it runs alone (set_active), whatever
+        # the order the adapters were attached in; base corrections (PiSSA) come after.
         for name, adapter in self.adapters.items():
             rows = segments.get(name)
-            correction = adapter.inactive_delta if getattr(adapter, "alters_base", False) else None
-            if correction is not None:  # adapters that changed the base (PiSSA) restore it on other rows
-                out = out + correction(x)
             if rows is None:
                 continue
             if len(rows) == routing.rows:
-                x_rows, out_rows = x, out
+                out = out + adapter(x, base_out)
             else:
-                x_rows, out_rows = x.index_select(0, rows), out.index_select(0, rows)
-            delta = adapter(x_rows, out_rows)
-            if correction is not None:
-                delta = delta - correction(x_rows)
-            out = out + delta if len(rows) == routing.rows else out.index_add(0, rows, delta)
+                out = out.index_add(0, rows, adapter(x.index_select(0, rows), base_out.index_select(0, rows)))
+        for name, adapter in self.adapters.items():
+            if getattr(adapter, "alters_base", False):  # adapters that changed the base restore it on other rows
+                rows = segments.get(name)
+                if rows is None:
+                    out = out + adapter.inactive_delta(x)
+                elif len(rows) != routing.rows:
+                    correction = adapter.inactive_delta(x)
+                    out = out + correction.index_fill(0, rows, 0)
         return out
 
     def _restore_base(self, x, out, names):
@@ -90,3 +95,14 @@ class AdapterLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.adapters.keys())}"
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """A fused path computes the base layer's output without calling it, which would skip hooks
+    registered on it (activation capture, device-offload hooks, ...); use it only when there are none."""
+    from torch.nn.modules import module as torch_module
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or getattr(module, "_backward_pre_hooks", None)
+                or torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks
+                or torch_module._global_backward_hooks or getattr(torch_module, "_global_backward_pre_hooks", None))

@@ -23,12 +23,12 @@ from torch import nn
 
 from .. import __version__
 from ..core import adapters as core
-from ..core.state import require_state
+from ..core.state import STATE_ATTR, get_state, require_state
 from ..core.targets import named_base_modules
 from ..errors import AdapterFormatError, ConfigError, IncompatibleBaseError
 from ..methods.dora import DoraConfig
 from ..methods.lora import LoraConfig
-from .files import read_json, read_tensors, refuse_pickles, write_json, write_tensors
+from .files import json_bytes, read_json, read_tensors, refuse_pickles, tensor_bytes, write_files
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -47,7 +47,7 @@ def fingerprint(model: nn.Module) -> str:
 
 def task_type(model: nn.Module) -> str | None:
     cls = type(model).__name__
-    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
+    for suffix, task in (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"), ("ForSequenceClassification", "SEQ_CLS"),
                          ("ForTokenClassification", "TOKEN_CLS"), ("ForQuestionAnswering", "QUESTION_ANS"),
                          ("ForConditionalGeneration", "SEQ_2_SEQ_LM")):
         if cls.endswith(suffix):
@@ -111,8 +111,8 @@ def save(model: nn.Module, out_dir, name: str = "default") -> Path:
                                "base_model": state.base_name, "config": config.to_dict()}),
     }
     out = Path(out_dir)
-    write_tensors(out / WEIGHTS_NAME, tensors, metadata)
-    write_json(out / CONFIG_NAME, hf)
+    # both files or neither: a failed save never pairs new weights with an old config
+    write_files({out / WEIGHTS_NAME: tensor_bytes(tensors, metadata), out / CONFIG_NAME: json_bytes(hf)})
     return out
 
 
@@ -197,6 +197,13 @@ def load(model: nn.Module, adapter_dir, name: str = "default", *, check_base: bo
         raise AdapterFormatError(f"{adapter_dir}: the weights file holds no LoRA tensors")
     config = config_from_hf(hf, list(per_module))
     _check_base(model, per_module, info, adapter_dir, check_base)
+    # PEFT writes every head name it might use for the task (["classifier", "score"] for SEQ_CLS,
+    # whatever the model has); keep those this model has.
+    base_names = [n for n, _ in named_base_modules(model)]
+    config.modules_to_save = [m for m in dict.fromkeys(config.modules_to_save)
+                              if any(n == m or n.endswith("." + m) for n in base_names)]
+    had_state = get_state(model) is not None
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
     core.attach(model, config, name=name)
     try:
         for module_name, layer in core.adapter_layers(model, name):
@@ -215,9 +222,19 @@ def load(model: nn.Module, adapter_dir, name: str = "default", *, check_base: bo
                 target = base_modules.get(module_name)
                 if target is None or not hasattr(target, pname):
                     continue  # e.g. a base embedding PEFT saves alongside an embedding LoRA
-                getattr(target, pname).copy_(value)
-    except BaseException:
+                current = getattr(target, pname)
+                if tuple(current.shape) != tuple(value.shape):
+                    raise IncompatibleBaseError(
+                        f"{adapter_dir}: saved '{path}' is {tuple(value.shape)}, but this model's is {tuple(current.shape)} "
+                        "(e.g. a classification head for a different number of labels): wrong base model"
+                    )
+                current.copy_(value)
+    except BaseException:  # leave the model as it was
         core.delete(model, name)
+        for p, flag in requires_grad.items():
+            p.requires_grad_(flag)
+        if not had_state:
+            delattr(model, STATE_ATTR)
         raise
     return model
 
@@ -234,11 +251,14 @@ def _check_base(model, per_module: dict, info: dict, adapter_dir, check_base: bo
         module = modules[module_name]
         if isinstance(module, nn.Embedding):
             want = (module.embedding_dim, module.num_embeddings)
-            got = (local["lora_embedding_B"].shape[0], local["lora_embedding_A"].shape[1]) if "lora_embedding_A" in local else None
+            pair = ("lora_embedding_B", "lora_embedding_A")
         else:
             w = module.weight
             want = tuple(w.t().shape if type(module).__name__ == "Conv1D" else w.shape)
-            got = (local["lora_B.weight"].shape[0], local["lora_A.weight"].shape[1]) if "lora_A.weight" in local else None
+            pair = ("lora_B.weight", "lora_A.weight")
+        got = None
+        if all(k in local and local[k].dim() == 2 for k in pair):
+            got = (local[pair[0]].shape[0], local[pair[1]].shape[1])
         if got is None:
             raise AdapterFormatError(f"{adapter_dir}: '{module_name}' has an incomplete set of tensors {sorted(local)}")
         if tuple(got) != tuple(want):

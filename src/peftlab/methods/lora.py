@@ -54,13 +54,21 @@ class LoraConfig(MethodConfig):
 
     def validate(self) -> None:
         super().validate()
+        for key in ("rank_pattern", "alpha_pattern"):
+            value = getattr(self, key)
+            if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+                raise ConfigError(f"{self.method}: {key} must map module names (suffixes or regexes) to values, "
+                                  f"e.g. {{'down_proj': 4}}; got {value!r}")
         ranks = [self.r, *self.rank_pattern.values()]
-        if not all(isinstance(r, int) and r > 0 for r in ranks):
+        if not all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in ranks):
             raise ConfigError(f"{self.method}: rank r must be a positive integer, got {ranks}")
-        if not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
-            raise ConfigError(f"{self.method}: alpha must be a positive number, got {self.alpha!r}")
-        if not (0.0 <= self.dropout < 1.0):
+        alphas = [self.alpha, *self.alpha_pattern.values()]
+        if not all(isinstance(a, (int, float)) and not isinstance(a, bool) and a > 0 for a in alphas):
+            raise ConfigError(f"{self.method}: alpha must be a positive number, got {alphas}")
+        if not (isinstance(self.dropout, (int, float)) and not isinstance(self.dropout, bool) and 0.0 <= self.dropout < 1.0):
             raise ConfigError(f"{self.method}: dropout must be in [0, 1), got {self.dropout!r}")
+        if not isinstance(self.rslora, bool):
+            raise ConfigError(f"{self.method}: rslora must be true or false, got {self.rslora!r}")
         if self.init not in INITS:
             raise ConfigError(f"{self.method}: init must be one of {', '.join(INITS)}, got {self.init!r}")
 

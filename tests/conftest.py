@@ -1,0 +1,104 @@
+"""Shared fixtures: tiny randomly initialised models built from configs (no downloads).
+
+Every model is fp32, in eval mode, and built under a fixed seed, so two calls of the same
+factory give bit-identical weights (handy for "the original model" comparisons).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import settings
+
+torch.set_num_threads(1)  # the machine is shared; tiny models do not need more
+# no example database in the checkout (.hypothesis/), no flaky deadlines on a shared machine
+settings.register_profile("peftlab", database=None, deadline=None)
+settings.load_profile("peftlab")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+VOCAB = 96
+HIDDEN = 32
+
+
+def _build(config, cls, seed):
+    torch.manual_seed(seed)
+    model = cls(config)
+    return model.float().eval()
+
+
+def make_llama(seed: int = 0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    settings = dict(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        attn_implementation="eager",
+    )
+    settings.update(overrides)
+    return _build(LlamaConfig(**settings), LlamaForCausalLM, seed)
+
+
+def make_bert(seed: int = 0, **overrides):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    settings = dict(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=64, num_labels=3,
+        hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, attn_implementation="eager",
+    )
+    settings.update(overrides)
+    return _build(BertConfig(**settings), BertForSequenceClassification, seed)
+
+
+def make_gpt2(seed: int = 0, **overrides):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    settings = dict(
+        vocab_size=VOCAB, n_embd=HIDDEN, n_layer=2, n_head=4, n_positions=64,
+        resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1, attn_implementation="eager",
+        bos_token_id=1, eos_token_id=2,
+    )
+    settings.update(overrides)
+    return _build(GPT2Config(**settings), GPT2LMHeadModel, seed)
+
+
+@pytest.fixture
+def llama():
+    return make_llama()
+
+
+@pytest.fixture
+def bert():
+    return make_bert()
+
+
+@pytest.fixture
+def gpt2():
+    return make_gpt2()
+
+
+@pytest.fixture
+def ids():
+    """A (3 x 7) batch of token ids, no padding."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(3, VOCAB, (3, 7), generator=g)
+
+
+def logits(model, ids, **kwargs):
+    with torch.no_grad():
+        return model(input_ids=ids, **kwargs).logits
+
+
+def randomize_adapters(model, seed: int = 0, std: float = 0.1):
+    """Give every adapter parameter random values, so an adapter is no longer a no-op."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name or "adapters." in name:
+                if "magnitude" in name:
+                    p.mul_(1 + std * torch.randn(p.shape, generator=g))
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
