@@ -19,27 +19,8 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: a crash or a full disk
-    never leaves a half-written file in place of a good one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the file the usual mode
-        os.replace(tmp, path)
-    except OSError as error:
-        Path(tmp).unlink(missing_ok=True)
-        _raise_io(error, [path])
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_files(files: dict) -> None:
-    """Write ``{path: bytes}`` so that either every file is replaced or none is: all contents go
+    """Write ``{path: bytes}`` atomically, so that either every file is replaced or none is: all contents go
     to synced temporary files first, and only then are they renamed into place. A full disk (or
     any write error) leaves the previous files, a consistent set, untouched."""
     staged = []

@@ -1,0 +1,639 @@
+"""The ``peftlab`` command line.
+
+    peftlab train                      # the built-in job: SmolLM2-135M + LoRA on the extract task
+    peftlab train --data my.jsonl --prompt-key question --response-key answer --steps 200
+    peftlab train --config run.yaml    # every option can come from a YAML/JSON file; flags override it
+    peftlab generate --adapter runs/demo/adapter "To JSON: Ana Diaz paid $40 to Acme Corp on 2 May 2024."
+    peftlab info runs/demo/adapter     # method, base, ranks, targets, parameters (no model load)
+    peftlab merge runs/demo/adapter --out runs/demo/merged
+    peftlab methods                    # the method registry
+
+Errors peftlab raises on purpose (a bad option, a missing file, a wrong base model) print one
+line, ``error: ...``, and exit with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import math
+import random
+import struct
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from .errors import ConfigError, PeftlabError
+
+DEFAULT_METHOD = "lora[r=8,alpha=16,targets=all-linear]"
+PROMPT_FILE = "peftlab_prompt.json"  # next to adapter_config.json: how the adapter expects to be prompted
+
+# One table for every `train` option: the argparse flags, the config-file keys and the defaults.
+# (name, type, default, help). Types: str, int, float, bool, "method" (a spec string or a dict).
+TRAIN_OPTIONS = [
+    ("out", str, "runs/demo", "output folder: adapter/, metrics.json, checkpoint/"),
+    ("model", str, "smollm2-135m", "base model: smollm2-135m, minilm, a local folder or a Hugging Face name"),
+    ("method", "method", DEFAULT_METHOD, "adapter spec, e.g. 'lora[r=16,alpha=32,targets=[q_proj,v_proj]]'"),
+    ("task", str, "causal-lm", "causal-lm (prompt -> response) or sequence-classification (text -> label)"),
+    ("data", str, None, "training rows: a .jsonl/.json/.csv/.tsv file or a Hugging Face dataset name "
+                        "(default: peftlab's built-in extract task)"),
+    ("eval_data", str, None, "held-out rows (default: --eval-rows rows split off --data)"),
+    ("eval_split", str, "test", "split of a Hugging Face --eval-data"),
+    ("eval_rows", int, 50, "held-out rows to evaluate before and after training (0 = no evaluation)"),
+    ("train_rows", int, 2000, "rows of the built-in task to generate"),
+    ("prompt_key", str, "prompt", "column holding the prompt (causal-lm)"),
+    ("response_key", str, "response", "column holding the response (causal-lm)"),
+    ("text_key", str, "text", "column holding the text (sequence-classification)"),
+    ("label_key", str, "label", "column holding the label (sequence-classification)"),
+    ("system", str, None, "system message for chat models (default for the built-in task: its own short one)"),
+    ("max_length", int, 256, "cut training sequences at this many tokens"),
+    ("steps", int, 50, "optimizer steps"),
+    ("lr", float, 3e-3, "peak learning rate (AdamW)"),
+    ("batch_size", int, 4, "rows per forward pass"),
+    ("grad_accum", int, 1, "forward passes per optimizer step"),
+    ("warmup_steps", int, 5, "linear warmup steps"),
+    ("schedule", str, "cosine", "learning-rate decay after warmup: cosine, linear or constant"),
+    ("weight_decay", float, 0.0, "AdamW weight decay on adapter matrices"),
+    ("max_grad_norm", float, 1.0, "clip the gradient norm (0 = off)"),
+    ("eval_every", int, 0, "also evaluate every N steps during training (0 = only before and after)"),
+    ("save_every", int, 0, "write a resumable checkpoint every N steps (0 = only at the end)"),
+    ("seed", int, 0, "seed for the data, the split, the adapter init and the data order"),
+    ("resume", bool, False, "continue from <out>/checkpoint if there is one"),
+    ("device", str, "auto", "auto, cpu, cuda, cuda:1, mps"),
+    ("eval_batch_size", int, 64, "rows per generation batch when evaluating"),
+    ("max_new_tokens", int, None, "generation length when evaluating (default: just above the longest reference)"),
+    ("progress", bool, True, "show a progress bar while training"),
+]
+TRAIN_DEFAULTS = {name: default for name, _, default, _ in TRAIN_OPTIONS}
+TRAIN_TYPES = {name: kind for name, kind, _, _ in TRAIN_OPTIONS}
+
+
+# ---------------------------------------------------------------------------------------------
+# Parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="peftlab", description="Parameter-efficient fine-tuning: train, inspect, merge and run adapters.",
+        epilog="Run 'peftlab COMMAND --help' for a command's options.")
+    parser.add_argument("--version", action="version", version=f"peftlab {_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    train = commands.add_parser(
+        "train", help="train an adapter (no options: the built-in SmolLM2 + LoRA extract job)",
+        description="Train an adapter and report held-out quality before and after. With no options this runs the "
+                    "built-in job: SmolLM2-135M-Instruct + LoRA learns to turn sentences into normalized JSON. "
+                    "Every option can also come from --config (YAML or JSON, keys as below with _ or -); "
+                    "flags given here override the file.")
+    train.add_argument("--config", metavar="FILE", help="YAML or JSON file of options")
+    for name, kind, default, text in TRAIN_OPTIONS:
+        flag = "--" + name.replace("_", "-")
+        shown = f" (default: {default})" if default not in (None, "") else ""
+        if kind is bool:
+            train.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text + shown)
+        else:
+            train.add_argument(flag, type=str if kind == "method" else kind, default=None,
+                               metavar=name.upper(), help=text + shown)
+    train.set_defaults(func=cmd_train)
+
+    generate = commands.add_parser(
+        "generate", help="complete prompts with a base model, with or without an adapter",
+        description="Greedy, chat-templated completion of each prompt. The base model defaults to the one the "
+                    "adapter was trained on.")
+    generate.add_argument("prompts", nargs="+", metavar="PROMPT", help="prompt text (several prompts run as one batch)")
+    generate.add_argument("--adapter", metavar="DIR", help="adapter folder (HF PEFT format, e.g. runs/demo/adapter)")
+    generate.add_argument("--model", help="base model (default: the adapter's base, else smollm2-135m)")
+    generate.add_argument("--system", help="system message (default: the one the adapter was trained with)")
+    generate.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate (default: 128)")
+    generate.add_argument("--device", default="auto", help="auto, cpu, cuda, mps (default: auto)")
+    generate.set_defaults(func=cmd_generate)
+
+    info = commands.add_parser(
+        "info", help="describe a saved adapter without loading any model",
+        description="Method, base model, ranks, targets and parameter count of an adapter folder, read from "
+                    "adapter_config.json and the safetensors header only.")
+    info.add_argument("adapter", metavar="DIR", help="adapter folder")
+    info.add_argument("--json", action="store_true", help="print JSON instead of text")
+    info.set_defaults(func=cmd_info)
+
+    merge = commands.add_parser(
+        "merge", help="fold an adapter into its base model and save a plain transformers model",
+        description="Load the base model and the adapter, merge the adapter into the weights, remove every peftlab "
+                    "module and save_pretrained the result, which transformers loads without peftlab.")
+    merge.add_argument("adapter", metavar="DIR", help="adapter folder")
+    merge.add_argument("--out", required=True, metavar="DIR", help="folder for the merged model")
+    merge.add_argument("--model", help="base model (default: the one named in the adapter)")
+    merge.add_argument("--device", default="cpu", help="device to merge on (default: cpu)")
+    merge.set_defaults(func=cmd_merge)
+
+    methods = commands.add_parser("methods", help="list the adapter methods peftlab knows",
+                                  description="Every registered method: name, category, paper and whether it merges.")
+    methods.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    methods.set_defaults(func=cmd_methods)
+    return parser
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line (``warning: ...``), without the source line that raised them."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _version() -> str:
+    from . import __version__
+    return __version__
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return args.func(args) or 0
+    except PeftlabError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+# ---------------------------------------------------------------------------------------------
+# Options: defaults < config file < flags
+
+
+def read_config_file(path) -> dict:
+    """Options from a YAML or JSON file (keys with - or _), checked against the train options."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))  # YAML is a superset of JSON
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML/JSON: {str(error).splitlines()[0]}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} should hold a mapping of options, found {type(data).__name__}")
+    options = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in TRAIN_TYPES:
+            hint = difflib.get_close_matches(name, list(TRAIN_TYPES), n=1)
+            raise ConfigError(f"config file {path}: unknown option {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                              + f"; known options: {', '.join(TRAIN_TYPES)}")
+        options[name] = coerce_option(name, value, f"config file {path}")
+    return options
+
+
+def coerce_option(name: str, value, where: str):
+    """A config-file value as the option's type (YAML reads 2e-3 as a string, for one)."""
+    kind = TRAIN_TYPES[name]
+    if value is None:
+        if TRAIN_DEFAULTS[name] is None:
+            return None
+        raise ConfigError(f"{where}: option {name!r} needs a value")
+    bad = ConfigError(f"{where}: option {name!r} should be {getattr(kind, '__name__', kind)}, got {value!r}")
+    if kind == "method":
+        if isinstance(value, (str, dict)):
+            return value
+        raise bad
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+            return value.lower() in ("true", "yes")
+        raise bad
+    if kind is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+        raise bad
+    if kind is float:
+        if isinstance(value, bool):
+            raise bad
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise bad from None
+    if isinstance(value, (dict, list)):
+        raise bad
+    return str(value)
+
+
+def resolve_train_options(args) -> dict:
+    options = dict(TRAIN_DEFAULTS)
+    if getattr(args, "config", None):
+        options.update(read_config_file(args.config))
+    for name in TRAIN_DEFAULTS:
+        value = getattr(args, name, None)
+        if value is not None:
+            options[name] = value
+    if options["warmup_steps"] == TRAIN_DEFAULTS["warmup_steps"] and options["warmup_steps"] >= options["steps"]:
+        options["warmup_steps"] = options["steps"] // 10  # the default warmup, scaled down for a very short run
+    check_train_options(options)
+    return options
+
+
+TRAIN_TASKS = ("causal-lm", "sequence-classification")
+
+
+def check_train_options(o: dict) -> None:
+    if o["task"] not in TRAIN_TASKS:
+        raise ConfigError(f"--task must be one of {', '.join(TRAIN_TASKS)}, got {o['task']!r}")
+    for name in ("eval_rows", "train_rows", "eval_batch_size", "max_length", "max_new_tokens"):
+        value = o[name]
+        if value is not None and (value < (0 if name == "eval_rows" else 1)):
+            raise ConfigError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'eval_rows' else 'positive'}, "
+                              f"got {value}")
+    if o["task"] == "sequence-classification" and not o["data"]:
+        raise ConfigError("sequence-classification needs --data, e.g. --data ../shared/data/sst2/train.tsv "
+                          "--text-key sentence --model minilm")
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+
+
+def say(*parts) -> None:
+    print(*parts, flush=True)
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    import peftlab
+    from .models import load_model
+    from .train import TrainConfig, train
+
+    started = time.perf_counter()
+    o = resolve_train_options(args)
+    out = Path(o["out"])
+    classify = o["task"] == "sequence-classification"
+    train_cfg = TrainConfig(
+        lr=o["lr"], steps=o["steps"], batch_size=o["batch_size"], grad_accum=o["grad_accum"],
+        warmup_steps=o["warmup_steps"], schedule=o["schedule"], weight_decay=o["weight_decay"],
+        max_grad_norm=o["max_grad_norm"], eval_every=o["eval_every"], seed=o["seed"], out_dir=str(out),
+        save_every=o["save_every"], resume=o["resume"], device=o["device"], progress=o["progress"])
+    builtin = o["data"] is None
+    if builtin and o["system"] is None:
+        from .tasks import extract
+        o["system"] = extract.SYSTEM
+    train_rows, eval_rows = load_train_rows(o)
+    label2id = None
+    if classify:
+        from .train.data import infer_label2id, require_columns
+        require_columns(train_rows, [o["label_key"]])
+        label2id = infer_label2id(row[o["label_key"]] for row in train_rows + eval_rows)
+    data_name = "the built-in extract task" if builtin else o["data"]
+    say(f"peftlab train: {o['model']} + {o['method']} on {data_name} "
+        f"({len(train_rows)} training rows, {len(eval_rows)} held-out)")
+
+    t = time.perf_counter()
+    torch.manual_seed(o["seed"])
+    model, tokenizer = load_model(o["model"], task=o["task"], num_labels=len(label2id or {0: 0, 1: 1}), device=o["device"])
+    load_seconds = time.perf_counter() - t
+    say(f"loaded {o['model']} in {load_seconds:.1f} s")
+
+    data, evaluate_fn, metric = build_data(o, model, tokenizer, train_rows, eval_rows, label2id)
+    shown = metric.replace("_", " ")
+    before = after = None
+    if evaluate_fn is not None:
+        before = evaluate_fn(model)
+        say(f"held-out {shown} before: {before[metric]:.3f} ({before['n']} rows, {before['seconds']:.1f} s)")
+
+    torch.manual_seed(o["seed"])  # the adapter's random init
+    configs = adapter_configs(o["method"], model, classify)
+    peftlab.attach(model, configs)
+    counts = peftlab.summary(model)
+    say(f"adapter: {counts['trainable']:,} trainable parameters ({counts['trainable_percent']:.2f}% of {counts['total']:,})")
+
+    mid_eval = None
+    if evaluate_fn is not None and o["eval_every"]:
+        def mid_eval(m):
+            return {metric: evaluate_fn(m)[metric]}
+    say(f"training {o['steps']} steps, batch {o['batch_size']}x{o['grad_accum']}, lr {o['lr']:g}"
+        + (f", resuming from {out / 'checkpoint'}" if o["resume"] and (out / "checkpoint").exists() else ""))
+    result = train(model, data, train_cfg, eval_fn=mid_eval)
+    summary = result.summary()
+    say(f"trained {result.steps} steps in {result.train_seconds:.1f} s "
+        f"(final loss {result.final_loss:.4f}, {result.tokens_per_second:.0f} tokens/s)")
+
+    if evaluate_fn is not None:
+        after = evaluate_fn(model)
+        say(f"held-out {shown} after:  {after[metric]:.3f} ({after['n']} rows, {after['seconds']:.1f} s)")
+        for sample in after.get("samples", [])[:1]:
+            say("sample:")
+            say(f"  prompt:     {sample['prompt']}")
+            say(f"  generated:  {sample['prediction']}")
+            say(f"  reference:  {sample['reference']}")
+
+    adapter_dir = peftlab.save(model, out / "adapter")
+    if not classify:
+        write_prompt_file(adapter_dir, o["system"], tokenizer)
+    total = time.perf_counter() - started
+    metrics = {
+        "before": before, "after": after, "metric": metric,
+        "train_seconds": round(result.train_seconds, 2), "load_seconds": round(load_seconds, 2),
+        "total_seconds": round(total, 2),
+        "train": summary, "losses": [round(x, 5) for x in result.losses], "eval_history": result.eval_history,
+        "parameters": {k: counts[k] for k in ("total", "trainable", "trainable_percent")},
+        "model": o["model"], "method": o["method"], "adapter": str(adapter_dir),
+        "config": {k: v for k, v in o.items()}, "train_config": train_cfg.to_dict(),
+        "peftlab_version": peftlab.__version__, "torch_threads": torch.get_num_threads(),
+    }
+    from .formats.files import write_json
+    write_json(out / "metrics.json", metrics)
+    say(f"saved {adapter_dir} (Hugging Face PEFT format) and {out / 'metrics.json'}; total {total:.1f} s")
+    if before is not None and after is not None:
+        say(f"held-out {shown}: {before[metric]:.3f} -> {after[metric]:.3f}")
+    return 0
+
+
+def load_train_rows(o: dict) -> tuple[list, list]:
+    """(training rows, held-out rows) from the built-in task or the user's data."""
+    if o["data"] is None:
+        if o["task"] != "causal-lm":
+            raise ConfigError("the built-in task is causal-lm; give --data for sequence-classification")
+        from .tasks import extract
+        return extract.make_splits(o["train_rows"], o["eval_rows"], seed=o["seed"])
+    from .train import load_rows
+    rows = load_rows(o["data"], split="train")
+    if o["eval_data"]:
+        held_out = load_rows(o["eval_data"], split=o["eval_split"])[: o["eval_rows"]]
+        return rows, held_out
+    if o["eval_rows"] == 0:
+        return rows, []
+    if len(rows) < 2 * o["eval_rows"]:
+        raise ConfigError(f"{o['data']} has {len(rows)} rows, too few to hold out --eval-rows {o['eval_rows']} for "
+                          "evaluation; lower --eval-rows, give --eval-data, or use --eval-rows 0")
+    order = list(range(len(rows)))
+    random.Random(o["seed"]).shuffle(order)
+    cut = len(rows) - o["eval_rows"]
+    return [rows[i] for i in order[:cut]], [rows[i] for i in order[cut:]]
+
+
+def build_data(o, model, tokenizer, train_rows, eval_rows, label2id):
+    """(training dataset, evaluate(model) -> dict or None, metric name)."""
+    from .train import CausalLMData, ClassificationData
+
+    if o["task"] == "sequence-classification":
+        from .tasks.classification import accuracy
+        data = ClassificationData(tokenizer, train_rows, text_key=o["text_key"], label_key=o["label_key"],
+                                  max_length=o["max_length"], label2id=label2id)
+        if not eval_rows:
+            return data, None, "accuracy"
+        held_out = ClassificationData(tokenizer, eval_rows, text_key=o["text_key"], label_key=o["label_key"],
+                                      max_length=o["max_length"], label2id=label2id)
+        return data, (lambda m: accuracy(m, held_out, batch_size=o["eval_batch_size"])), "accuracy"
+
+    from .tasks.generation import evaluate
+    from .train.data import require_columns
+    data = CausalLMData(tokenizer, train_rows, prompt_key=o["prompt_key"], response_key=o["response_key"],
+                        system=o["system"], max_length=o["max_length"])
+    if not eval_rows:
+        return data, None, "exact_match"
+    require_columns(eval_rows, [o["prompt_key"], o["response_key"]])
+
+    def evaluate_fn(m):
+        return evaluate(m, tokenizer, eval_rows, system=o["system"], prompt_key=o["prompt_key"],
+                        response_key=o["response_key"], batch_size=o["eval_batch_size"],
+                        max_new_tokens=o["max_new_tokens"], keep=len(eval_rows))
+    return data, evaluate_fn, "exact_match"
+
+
+def adapter_configs(method, model, classify: bool):
+    """Method configs from the spec; a classifier's new head trains in full unless the spec says otherwise."""
+    from .core.adapters import build_configs
+
+    configs = build_configs(method)
+    if classify and not any(c.modules_to_save for c in configs):
+        head = next((name for name in ("classifier", "score") if hasattr(model, name)), None)
+        if head is not None:
+            configs[0].modules_to_save = [head]
+    return configs
+
+
+def write_prompt_file(adapter_dir: Path, system, tokenizer) -> None:
+    from .formats.files import write_json
+    write_json(Path(adapter_dir) / PROMPT_FILE,
+               {"system": system, "chat_template": bool(getattr(tokenizer, "chat_template", None))})
+
+
+# ---------------------------------------------------------------------------------------------
+# generate
+
+
+def cmd_generate(args) -> int:
+    import peftlab
+    from .models import load_model
+    from .tasks.generation import generate
+
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    system = args.system
+    model_name = args.model
+    if args.adapter:
+        hf, _ = read_adapter_header(args.adapter)
+        model_name = model_name or hf.get("base_model_name_or_path")
+        if not model_name:
+            raise ConfigError(f"{args.adapter}: adapter_config.json names no base model; pass --model")
+        prompt_file = Path(args.adapter) / PROMPT_FILE
+        if system is None and prompt_file.is_file():
+            system = json.loads(prompt_file.read_text()).get("system")
+    model, tokenizer = load_model(model_name or "smollm2-135m", device=args.device)
+    if args.adapter:
+        peftlab.load(model, args.adapter)
+    outputs = generate(model, tokenizer, list(args.prompts), system=system, max_new_tokens=args.max_new_tokens,
+                       batch_size=16)
+    for output in outputs:
+        print(output.strip(), flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# info
+
+
+SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+                           "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def read_safetensors_header(path) -> tuple[dict, dict]:
+    """({tensor name: {"dtype", "shape"}}, metadata) from a safetensors file's JSON header only."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ValueError("file shorter than its 8-byte header length")
+            (length,) = struct.unpack("<Q", raw)
+            if length > 100_000_000 or length > path.stat().st_size - 8:
+                raise ValueError(f"header length {length} does not fit the file")
+            header = json.loads(f.read(length))
+    except FileNotFoundError:
+        raise PeftlabError(f"{path} does not exist") from None
+    except (ValueError, UnicodeDecodeError) as error:
+        raise PeftlabError(f"{path} is not a readable safetensors file ({error}); re-save the adapter") from None
+    metadata = header.pop("__metadata__", None) or {}
+    return header, metadata
+
+
+def read_adapter_header(adapter) -> tuple[dict, dict]:
+    """(adapter_config.json, the weights' header) with the usual checks on the folder."""
+    from .formats.files import read_json, refuse_pickles
+    from .formats.hf_peft import CONFIG_NAME, WEIGHTS_NAME
+
+    folder = Path(adapter)
+    if not folder.is_dir():
+        raise PeftlabError(f"adapter folder {folder} does not exist")
+    if not (folder / CONFIG_NAME).is_file():
+        raise PeftlabError(f"{folder} has no {CONFIG_NAME}; is this an adapter folder written by peftlab.save or peft?")
+    if not (folder / WEIGHTS_NAME).is_file():
+        refuse_pickles(folder)
+        raise PeftlabError(f"{folder} has no {WEIGHTS_NAME}")
+    return read_json(folder / CONFIG_NAME), read_safetensors_header(folder / WEIGHTS_NAME)
+
+
+def adapter_info(adapter) -> dict:
+    hf, (tensors, metadata) = read_adapter_header(adapter)
+    extra = {}
+    if "peftlab" in metadata:
+        try:
+            extra = json.loads(metadata["peftlab"])
+        except json.JSONDecodeError:
+            extra = {}
+    modules = sorted({name.rsplit(".lora_", 1)[0].removeprefix("base_model.model.")
+                      for name in tensors if ".lora_" in name})
+    adapter_params = sum(math.prod(t["shape"]) for n, t in tensors.items() if ".lora_" in n)
+    other_params = sum(math.prod(t["shape"]) for n, t in tensors.items() if ".lora_" not in n)
+    size = sum(math.prod(t["shape"]) * SAFETENSORS_DTYPE_BYTES.get(t["dtype"], 4) for t in tensors.values())
+    peft_type = hf.get("peft_type", "?")
+    method = (extra.get("config") or {}).get("method") or ("dora" if hf.get("use_dora") else str(peft_type).lower())
+    r, alpha = hf.get("r"), hf.get("lora_alpha")
+    scale = None
+    if isinstance(r, (int, float)) and isinstance(alpha, (int, float)) and r:
+        scale = alpha / (math.sqrt(r) if hf.get("use_rslora") else r)
+    return {
+        "adapter": str(adapter),
+        "method": method,
+        "peft_type": peft_type,
+        "base_model": hf.get("base_model_name_or_path") or extra.get("base_model"),
+        "task_type": hf.get("task_type"),
+        "r": r,
+        "alpha": alpha,
+        "scaling": scale,
+        "rslora": bool(hf.get("use_rslora", False)),
+        "rank_pattern": hf.get("rank_pattern") or {},
+        "alpha_pattern": hf.get("alpha_pattern") or {},
+        "target_modules": hf.get("target_modules"),
+        "modules_to_save": hf.get("modules_to_save") or [],
+        "adapted_modules": len(modules),
+        "parameters": adapter_params + other_params,
+        "adapter_parameters": adapter_params,
+        "saved_module_parameters": other_params,
+        "dtypes": sorted({t["dtype"] for t in tensors.values()}),
+        "bytes": size,
+        "peftlab_version": extra.get("version"),
+        "base_fingerprint": extra.get("base_fingerprint"),
+    }
+
+
+def cmd_info(args) -> int:
+    info = adapter_info(args.adapter)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    targets = info["target_modules"]
+    targets = ", ".join(targets) if isinstance(targets, list) else str(targets)
+    rank = f"{info['r']} (alpha {info['alpha']:g}" if isinstance(info["alpha"], (int, float)) else f"{info['r']} (alpha ?"
+    rank += f", scale {info['scaling']:g}" if info["scaling"] is not None else ""
+    rank += ", rsLoRA)" if info["rslora"] else ")"
+    if info["rank_pattern"]:
+        rank += f"; per module: {info['rank_pattern']}"
+    lines = [
+        ("adapter", info["adapter"]),
+        ("method", f"{info['method']} (peft_type {info['peft_type']})"),
+        ("base model", info["base_model"] or "(not recorded)"),
+        ("task type", info["task_type"] or "(not recorded)"),
+        ("rank", rank),
+        ("targets", f"{targets} ({info['adapted_modules']} modules)"),
+        ("parameters", f"{info['parameters']:,} ({info['bytes'] / 2**20:.1f} MiB, {'/'.join(info['dtypes']) or '-'})"),
+    ]
+    if info["modules_to_save"]:
+        lines.append(("trained in full", f"{', '.join(info['modules_to_save'])} "
+                                         f"({info['saved_module_parameters']:,} parameters)"))
+    if info["peftlab_version"]:
+        lines.append(("written by", f"peftlab {info['peftlab_version']} (base fingerprint {info['base_fingerprint']})"))
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        print(f"{key + ':':<{width + 2}}{value}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# merge
+
+
+def cmd_merge(args) -> int:
+    import peftlab
+    from .models import load_model
+
+    adapter, out = Path(args.adapter), Path(args.out)
+    hf, (tensors, _) = read_adapter_header(adapter)
+    if out.resolve() == adapter.resolve():
+        raise ConfigError("--out must be a different folder from the adapter's")
+    model_name = args.model or hf.get("base_model_name_or_path")
+    if not model_name:
+        raise ConfigError(f"{adapter}: adapter_config.json names no base model; pass --model")
+    task = "sequence-classification" if hf.get("task_type") == "SEQ_CLS" else "causal-lm"
+    num_labels = next((t["shape"][0] for n, t in tensors.items()
+                       if n.endswith(("classifier.weight", "score.weight", "classifier.out_proj.weight"))), 2)
+    say(f"loading {model_name} and {adapter}")
+    model, tokenizer = load_model(model_name, task=task, num_labels=num_labels, device=args.device)
+    peftlab.load(model, adapter)
+    peftlab.merge(model)
+    model = peftlab.unload(model)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    auto = "AutoModelForSequenceClassification" if task == "sequence-classification" else "AutoModelForCausalLM"
+    say(f"merged model written to {out}; load it with transformers.{auto}.from_pretrained({str(out)!r})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# methods
+
+
+def method_rows() -> list[dict]:
+    from .methods import METHODS
+
+    return [{"name": name, "category": getattr(module, "CATEGORY", "?"), "paper": getattr(module, "PAPER", "?"),
+             "mergeable": bool(getattr(module, "MERGEABLE", False))} for name, module in sorted(METHODS.items())]
+
+
+def cmd_methods(args) -> int:
+    rows = method_rows()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    headers = {"name": "method", "category": "category", "mergeable": "mergeable", "paper": "paper"}
+    table = [{k: ("yes" if r[k] is True else "no" if r[k] is False else str(r[k])) for k in headers} for r in rows]
+    widths = {k: max(len(headers[k]), *(len(r[k]) for r in table)) for k in headers}
+    print("  ".join(f"{headers[k]:<{widths[k]}}" for k in headers).rstrip())
+    for r in table:
+        print("  ".join(f"{r[k]:<{widths[k]}}" for k in headers).rstrip())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
