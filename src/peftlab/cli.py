@@ -129,8 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     merge.set_defaults(func=cmd_merge)
 
     methods = commands.add_parser("methods", help="list the adapter methods peftlab knows",
-                                  description="Every registered method: name, category, paper and whether it merges.")
+                                  description="Every registered method: name, category, paper, whether it merges, and its "
+                                              "parameter count on SmolLM2-135M at its defaults.")
     methods.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    methods.add_argument("--markdown", action="store_true", help="print the README's Markdown table")
     methods.set_defaults(func=cmd_methods)
     return parser
 
@@ -614,19 +616,18 @@ def cmd_merge(args) -> int:
 # methods
 
 
-def method_rows() -> list[dict]:
-    from .methods import METHODS
-
-    return [{"name": name, "category": getattr(module, "CATEGORY", "?"), "paper": getattr(module, "PAPER", "?"),
-             "mergeable": bool(getattr(module, "MERGEABLE", False))} for name, module in sorted(METHODS.items())]
-
-
 def cmd_methods(args) -> int:
+    from .methods.table import markdown_table, method_rows
+
+    if args.markdown:
+        print(markdown_table())
+        return 0
     rows = method_rows()
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    headers = {"name": "method", "category": "category", "mergeable": "mergeable", "paper": "paper"}
+    headers = {"name": "method", "category": "category", "mergeable": "mergeable",
+               "params_smollm2_135m": "params (SmolLM2-135M)", "paper": "paper"}
     table = [{k: ("yes" if r[k] is True else "no" if r[k] is False else str(r[k])) for k in headers} for r in rows]
     widths = {k: max(len(headers[k]), *(len(r[k]) for r in table)) for k in headers}
     print("  ".join(f"{headers[k]:<{widths[k]}}" for k in headers).rstrip())
