@@ -90,7 +90,7 @@ def test_methods_lists_the_registry(capsys):
     code, out, _ = run(capsys, "methods")
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["method", "category", "mergeable", "paper"]
+    assert lines[0].split() == ["method", "category", "mergeable", "params", "(SmolLM2-135M)", "paper"]
     for name, module in peftlab.METHODS.items():
         row = next(line for line in lines if line.split()[0] == name)
         assert module.CATEGORY in row and module.PAPER in row
@@ -98,7 +98,9 @@ def test_methods_lists_the_registry(capsys):
     code, out, _ = run(capsys, "methods", "--json")
     rows = json.loads(out)
     assert {r["name"] for r in rows} == set(peftlab.METHODS)
-    assert all(set(r) == {"name", "category", "paper", "mergeable"} for r in rows)
+    assert all(set(r) == {"name", "category", "paper", "mergeable", "params_smollm2_135m"} for r in rows)
+    lora = next(r for r in rows if r["name"] == "lora")
+    assert lora["params_smollm2_135m"] == 30 * 8 * (2 * (576 + 576) + 2 * (576 + 192) + 3 * (576 + 1536))  # r=8 on all 7 linears
 
 
 # ---- train ---------------------------------------------------------------------------------------

@@ -45,9 +45,12 @@ def resolve_device(device: str | None = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     try:
-        return torch.device(device)
+        resolved = torch.device(device)
     except (RuntimeError, TypeError):
         raise ConfigError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:0 or mps") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} asked for, but torch sees no CUDA GPU; use device='cpu' or 'auto'")
+    return resolved
 
 
 def canonical_name(name: str) -> str:

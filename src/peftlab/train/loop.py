@@ -24,6 +24,7 @@ from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
 from ..errors import StateError, TrainingError
+from ..models import resolve_device
 from .checkpoint import capture_rng, checkpoint_folder, has_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from .config import TRAJECTORY_KEYS, TrainConfig, TrainResult
 
@@ -76,15 +77,6 @@ def train(model: torch.nn.Module, data, cfg: TrainConfig | None = None, eval_fn=
 
 # ---------------------------------------------------------------------------------------------
 # Setup
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"device {name!r} asked for, but torch sees no CUDA GPU; use device='cpu' or 'auto'")
-    return device
 
 
 def prepare_model(model: torch.nn.Module, device: torch.device) -> None:
