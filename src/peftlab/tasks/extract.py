@@ -11,9 +11,10 @@ The model has to pick the record type, copy names, cities and companies, and nor
 instruction model does not produce this exact format unprompted (held-out exact match near 0),
 and a LoRA learns it in about fifty steps of four rows.
 
-Rows are deterministic given the seed. The held-out split draws every name, company and city
-from pools the training split never uses, so exact match measures the format and the
-normalization rules, not memorized values.
+Rows are deterministic given the seed. The held-out split draws every person's first and last
+name and every company from pools the training split never uses (cities, months and event kinds
+are closed lists both share), so exact match measures the format, the normalization rules and
+copying of unseen names, not memorized rows.
 """
 from __future__ import annotations
 
@@ -52,17 +53,14 @@ COMPANY_HEADS = [
 ]
 COMPANY_KINDS = ["Labs", "Media", "Foods", "Bank", "Tools", "Energy", "Freight", "Print", "Design", "Legal",
                  "Health", "Books", "Systems", "Studio", "Motors", "Travel", "Games", "Inc", "Ltd", "Group"]
-# Cities English writes as locals do (no Napoli-for-Naples exonyms to trip over).
+# Cities are a closed list both splits share, like the event kinds and the months: a city name is
+# mostly one token (" Zurich"), and writing it inside a JSON string means spelling that token out
+# afresh ('Z','ur','ich'), which a 135M model cannot do for a word it never saw spelled that way.
+# Names and companies (a few tokens each) are the open values the held-out split keeps unseen.
 CITIES = [
     "Lyon", "Oslo", "Madrid", "Denver", "Osaka", "Cairo", "Lima", "Dublin", "Austin", "Porto",
     "Seoul", "Nairobi", "Quebec", "Perth", "Tunis", "Bergen", "Leeds", "Boston", "Hanoi", "Accra",
     "Zurich", "Chicago", "Sydney", "Toronto", "Berlin", "Bogota", "Manila", "Dakar", "Helsinki", "Glasgow",
-    "Kyoto", "Dallas", "Riga", "Cork", "Lagos", "Bristol", "Seattle", "Portland", "Phoenix", "Tampa",
-    "Miami", "Atlanta", "Houston", "Detroit", "Omaha", "Tucson", "Reno", "Fresno", "Boise", "Cardiff",
-    "Belfast", "Aberdeen", "York", "Oxford", "Ottawa", "Calgary", "Halifax", "Winnipeg", "Hobart", "Darwin",
-    "Adelaide", "Brisbane", "Auckland", "Wellington", "Kampala", "Lusaka", "Harare", "Durban", "Quito", "Santiago",
-    "Caracas", "Busan", "Taipei", "Jakarta", "Chennai", "Pune", "Dhaka", "Nantes", "Lille", "Bilbao",
-    "Hamburg", "Basel", "Tallinn", "Vilnius", "Bremen", "Izmir", "Doha", "Dubai", "Muscat", "Montreal",
 ]
 EVENTS = ["meeting", "flight", "concert", "dinner", "interview", "workshop"]
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
@@ -118,7 +116,7 @@ def to_json(record: dict) -> str:
 def make_row(rng: random.Random, held_out: bool = False) -> dict:
     """One ``{"prompt", "response"}`` row drawn from the train or held-out value pools."""
     first, last = held_out_pool(FIRST, held_out), held_out_pool(LAST, held_out)
-    heads, cities = held_out_pool(COMPANY_HEADS, held_out), held_out_pool(CITIES, held_out)
+    heads = held_out_pool(COMPANY_HEADS, held_out)
 
     def person() -> str:
         return f"{rng.choice(first)} {rng.choice(last)}"
@@ -133,7 +131,7 @@ def make_row(rng: random.Random, held_out: bool = False) -> dict:
         sentence = rng.choice(INVOICE_TEMPLATES).format(seller=seller, buyer=buyer, amount=format_amount(rng, amount), date=date)
         record = {"type": "invoice", "customer": buyer, "vendor": seller, "amount": amount, "date": iso}
     else:
-        who, event, city = person(), rng.choice(EVENTS), rng.choice(cities)
+        who, event, city = person(), rng.choice(EVENTS), rng.choice(CITIES)
         sentence = rng.choice(EVENT_TEMPLATES).format(person=who, event=event, a_event=("an " if event[0] in "aeiou" else "a ") + event,
                                                        Event=event.capitalize(), city=city, date=date)
         record = {"type": "event", "who": who, "event": event, "city": city, "date": iso}
