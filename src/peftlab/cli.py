@@ -61,6 +61,7 @@ TRAIN_OPTIONS = [
     ("seed", int, 0, "seed for the data, the split, the adapter init and the data order"),
     ("resume", bool, False, "continue from <out>/checkpoint if there is one"),
     ("device", str, "auto", "auto, cpu, cuda, cuda:1, mps"),
+    ("chunked_loss", bool, True, "causal LMs: compute the head and loss in blocks of rows, never the full logits"),
     ("eval_batch_size", int, 64, "rows per generation batch when evaluating"),
     ("max_new_tokens", int, None, "generation length when evaluating (default: just above the longest reference)"),
     ("progress", bool, True, "show a progress bar while training"),
@@ -285,7 +286,8 @@ def cmd_train(args) -> int:
         lr=o["lr"], steps=o["steps"], batch_size=o["batch_size"], grad_accum=o["grad_accum"],
         warmup_steps=o["warmup_steps"], schedule=o["schedule"], weight_decay=o["weight_decay"],
         max_grad_norm=o["max_grad_norm"], eval_every=o["eval_every"], seed=o["seed"], out_dir=str(out),
-        save_every=o["save_every"], resume=o["resume"], device=o["device"], progress=o["progress"])
+        save_every=o["save_every"], resume=o["resume"], device=o["device"], chunked_loss=o["chunked_loss"],
+        progress=o["progress"])
     builtin = o["data"] is None
     if builtin and o["system"] is None:
         from .tasks import extract

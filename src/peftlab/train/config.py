@@ -11,7 +11,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 # Settings that decide the exact sequence of updates; a resume with different values cannot
 # reproduce the uninterrupted run, so it warns.
 TRAJECTORY_KEYS = ("lr", "steps", "batch_size", "grad_accum", "warmup_steps", "schedule", "weight_decay",
-                   "max_grad_norm", "seed")
+                   "max_grad_norm", "seed", "chunked_loss")
 
 
 @dataclass
@@ -24,8 +24,9 @@ class TrainConfig:
     N steps (0 = only at the end); seed: model-independent randomness (data order, dropout);
     out_dir: checkpoints go to ``out_dir/checkpoint/``; save_every: checkpoint every N steps (0 =
     only at the end); resume: continue from the checkpoint in out_dir if there is one; device:
-    "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1"...; log_every: refresh the
-    progress bar's numbers every N steps; progress: show a progress bar."""
+    "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1"...; chunked_loss: compute a
+    causal LM's head and loss blockwise, never holding the full logits (same loss, less memory and
+    time); log_every: refresh the progress bar's numbers every N steps; progress: show a progress bar."""
 
     lr: float = 2e-3
     steps: int = 120
@@ -41,6 +42,7 @@ class TrainConfig:
     save_every: int = 0
     resume: bool = False
     device: str = "auto"
+    chunked_loss: bool = True
     log_every: int = 1
     progress: bool = True
 

@@ -27,14 +27,16 @@ from ..errors import StateError, TrainingError
 from ..models import resolve_device
 from .checkpoint import capture_rng, checkpoint_folder, has_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from .config import TRAJECTORY_KEYS, TrainConfig, TrainResult
+from .loss import training_loss
 
 
 def train(model: torch.nn.Module, data, cfg: TrainConfig | None = None, eval_fn=None) -> TrainResult:
     """Train the trainable parameters of ``model`` on ``data``; return a ``TrainResult``.
 
     ``model(**batch)`` must return an object with ``.loss`` (Hugging Face models do when the batch
-    has ``labels``). ``data`` is a map-style dataset; its ``collate(list_of_examples)`` makes a batch
-    if it has one. ``eval_fn(model) -> dict`` runs every ``cfg.eval_every`` steps and at the end,
+    has ``labels``); a causal LM's loss is computed blockwise without the full logits
+    (``cfg.chunked_loss``, see ``loss.py``). ``data`` is a map-style dataset; its
+    ``collate(list_of_examples)`` makes a batch if it has one. ``eval_fn(model) -> dict`` runs every ``cfg.eval_every`` steps and at the end,
     in eval mode without gradients, and never disturbs the training random streams.
     """
     cfg = cfg or TrainConfig()
@@ -234,7 +236,7 @@ def accumulate_gradients(model, data, collate, order: DataOrder, position: int, 
     for micro in range(cfg.grad_accum):
         indices = order.take(position + micro * cfg.batch_size, cfg.batch_size)
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate([data[i] for i in indices]).items()}
-        loss = getattr(model(**batch), "loss", None)
+        loss = training_loss(model, batch, cfg.chunked_loss)
         if loss is None:
             raise TrainingError("the model returned no loss; the batches need 'labels' "
                                 "(CausalLMData and ClassificationData add them)")
