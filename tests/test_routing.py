@@ -183,6 +183,9 @@ def test_routing_needs_a_list():
     with pytest.raises(peftlab.ConfigError, match="one adapter name"):
         with peftlab.routing(model, "x"):
             pass
+    with pytest.raises(peftlab.ConfigError, match="empty list"):
+        with peftlab.routing(model, []):
+            pass
     with peftlab.routing(model, (n for n in ["x", None])):  # any iterable, read once
         out = logits(model, _IDS[:2])
     _, refs = _setup()

@@ -180,6 +180,8 @@ def routing(model: nn.Module, row_adapters):
     if isinstance(row_adapters, str) or not hasattr(row_adapters, "__iter__"):
         raise ConfigError(f"routing needs one adapter name (or None) per batch row, as a list; got {row_adapters!r}")
     row_adapters = list(row_adapters)
+    if not row_adapters:
+        raise ConfigError("routing got an empty list; give one adapter name (or None for the base) per batch row")
     state.check_known(row_adapters)
     if state.merged:
         raise StateError(f"adapters {state.merged} are merged into the weights; unmerge them before routing rows to adapters")
