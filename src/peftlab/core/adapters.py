@@ -12,6 +12,7 @@ from torch import nn
 
 from ..errors import ConfigError, StateError, TargetError
 from .config import MethodConfig, parse_spec
+from . import model_adapters
 from .layer import AdapterLayer
 from .routing import Routing
 from .state import STATE_ATTR, get_state, require_state
@@ -59,6 +60,11 @@ def attach(model: nn.Module, spec, name: str = "default") -> nn.Module:
     claimed = {}
     for config in configs:
         method = get_method(config.method)
+        if is_model_method(method):
+            if any(m == config.method for _, m, _ in model_adapters.model_adapters(model, name)):
+                raise ConfigError(f"adapter {name!r} lists {config.method} twice")
+            plan.append((config, method, None))
+            continue
         names = find_targets(model, config, method.can_wrap)
         for module_name in names:
             if module_name in claimed:
@@ -80,6 +86,11 @@ def attach(model: nn.Module, spec, name: str = "default") -> nn.Module:
             for p in model.parameters():
                 p.requires_grad_(False)
         for config, method, names in plan:
+            if names is None:
+                module = method.make_model_adapter(model, config)
+                module.train(model.training)
+                model_adapters.add(model, name, config.method, module, state)
+                continue
             for module_name in names:
                 layer = _wrap(model, module_name, state)
                 touched.append((module_name, layer))
@@ -89,6 +100,7 @@ def attach(model: nn.Module, spec, name: str = "default") -> nn.Module:
             for module_name in config.modules_to_save:
                 _unfreeze_module(model, module_name)
     except BaseException:
+        model_adapters.remove(model, name)
         for module_name, layer in reversed(touched):
             if name in layer.adapters:
                 layer.adapters[name].detach_from(layer.base_layer)
@@ -107,6 +119,11 @@ def attach(model: nn.Module, spec, name: str = "default") -> nn.Module:
     state.active = [name]
     _set_trainable(model, [name])
     return model
+
+
+def is_model_method(method) -> bool:
+    """Soft prompts and prefixes act on the whole model (``model_adapters.py``), not on modules."""
+    return hasattr(method, "make_model_adapter")
 
 
 def _wrap(model: nn.Module, module_name: str, state) -> AdapterLayer:
@@ -151,11 +168,32 @@ def set_active(model: nn.Module, names) -> None:
     _set_trainable(model, names)
 
 
-def _set_trainable(model, names) -> None:
+def all_adapters(model: nn.Module, name: str | None = None):
+    """Yield ``(adapter name, module)`` for every adapter module, per layer and model-level."""
     for _, layer in adapter_layers(model):
         for adapter_name, adapter in layer.adapters.items():
-            for p in adapter.parameters():
-                p.requires_grad_(adapter_name in names)
+            if name is None or adapter_name == name:
+                yield adapter_name, adapter
+    for adapter_name, _, module in model_adapters.model_adapters(model, name):
+        yield adapter_name, module
+
+
+def method_adapters(model: nn.Module, name: str, method: str):
+    """Yield ``(module name, adapter)`` for the per-layer adapters of one method in adapter ``name``
+    (what a method's own training hooks iterate over)."""
+    from ..methods import get_method
+
+    kind = get_method(method)
+    for module_name, layer in adapter_layers(model, name):
+        adapter = layer.adapters[name]
+        if getattr(adapter, "method", None) == method or type(adapter).__module__ == kind.__name__:
+            yield module_name, adapter
+
+
+def _set_trainable(model, names) -> None:
+    for adapter_name, adapter in all_adapters(model):
+        for p in adapter.parameters():
+            p.requires_grad_(adapter_name in names and getattr(p, "peftlab_trainable", True))
 
 
 @contextlib.contextmanager
@@ -255,6 +293,7 @@ def delete(model: nn.Module, name: str) -> None:
         if not len(layer.adapters):
             parent, child = get_submodule_parent(model, module_name)
             setattr(parent, child, layer.base_layer)
+    model_adapters.remove(model, name)
     del state.configs[name]
     state.active = [n for n in state.active if n != name]
 
@@ -269,7 +308,9 @@ def unload(model: nn.Module) -> nn.Module:
                 adapter.detach_from(layer.base_layer)
         parent, child = get_submodule_parent(model, module_name)
         setattr(parent, child, layer.base_layer)
-    delattr(model, "_peftlab_state")
+    for name in list(state.configs):
+        model_adapters.remove(model, name)
+    delattr(model, STATE_ATTR)
     return model
 
 
@@ -285,6 +326,10 @@ def summary(model: nn.Module) -> dict:
                 count = sum(p.numel() for p in adapter.parameters())
                 per_adapter[name] += count
                 per_method[_method_of(adapter, state.configs[name])] += count
+        for name, method, module in model_adapters.model_adapters(model):
+            count = sum(p.numel() for p in module.parameters())
+            per_adapter[name] += count
+            per_method[method] += count
     adapter_total = sum(per_adapter.values())
     return {
         "total": total,
@@ -301,5 +346,48 @@ def summary(model: nn.Module) -> dict:
 def _method_of(adapter, configs) -> str:
     if len(configs) == 1:
         return configs[0].method
+    declared = getattr(adapter, "method", None)
     module = type(adapter).__module__.rsplit(".", 1)[-1]
-    return next((c.method for c in configs if c.method == module), configs[0].method)
+    return next((c.method for c in configs if c.method in (declared, module)), configs[0].method)
+
+
+# ---- training hooks --------------------------------------------------------------------------
+# A method file may define any of these module-level functions; the trainer calls them for the
+# active adapters (``peftlab.train`` does; a hand-written loop calls these three helpers):
+#   regularization(model, name, config) -> scalar tensor added to the loss (L0 gates, orthogonality)
+#   after_step(model, name, config, step, total_steps)  after optimizer.step(), gradients still
+#       there (budget schedules, proximal updates, pruning)
+#   calibrate(model, name, config, batches, loss_fn)     once before training (Fisher masks)
+
+
+def active_hooks(model: nn.Module, hook: str):
+    from ..methods import get_method
+
+    state = get_state(model)
+    if state is None:
+        return
+    for name in state.active:
+        for config in state.configs.get(name, []):
+            fn = getattr(get_method(config.method), hook, None)
+            if fn is not None:
+                yield fn, name, config
+
+
+def regularization(model: nn.Module):
+    """The sum of the active adapters' regularization terms, or None when no method has one."""
+    terms = [fn(model, name, config) for fn, name, config in active_hooks(model, "regularization")]
+    terms = [t for t in terms if t is not None]
+    return sum(terms[1:], terms[0]) if terms else None
+
+
+def after_step(model: nn.Module, step: int, total_steps: int) -> None:
+    """Run the active methods' per-step updates (``step`` counts from 1)."""
+    for fn, name, config in active_hooks(model, "after_step"):
+        fn(model, name, config, step, total_steps)
+
+
+def calibrate(model: nn.Module, batches, loss_fn) -> None:
+    """Let methods that choose their parameters from data (FishMask) look at ``batches`` first;
+    ``loss_fn(model, batch)`` returns a scalar loss."""
+    for fn, name, config in active_hooks(model, "calibrate"):
+        fn(model, name, config, batches, loss_fn)

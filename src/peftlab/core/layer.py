@@ -1,9 +1,10 @@
 """The one wrapper every module-wrapping method shares.
 
-``AdapterLayer`` replaces a module (a Linear, an Embedding, ...) in its parent, keeps the
-original as ``base_layer`` and holds any number of named adapters. An adapter is a small
-``nn.Module`` whose ``forward(x, base_out)`` returns what to add to the base output. The
-active-adapter loop, disabling, routing and merge bookkeeping live here once, not in each method.
+``AdapterLayer`` replaces a module (a Linear, an Embedding, a norm, a whole attention or MLP
+block) in its parent, keeps the original as ``base_layer`` and holds any number of named
+adapters. An adapter is a small ``nn.Module`` whose ``forward(x, base_out)`` returns what to add
+to the base output (see the note above ``_main_input``). The active-adapter loop, disabling,
+routing and merge bookkeeping live here once, not in each method.
 """
 from __future__ import annotations
 
@@ -29,18 +30,19 @@ class AdapterLayer(nn.Module):
                 raise
             return getattr(self.base_layer, name)
 
-    def forward(self, x, *args, **kwargs):
+    def forward(self, *args, **kwargs):
         state = self._state
         adapters = self.adapters
+        x = _main_input(args, kwargs)
         if state.disabled:
             if any(n in adapters for n in state.merged):
                 raise StateError(f"adapters {state.merged} are merged into the weights; peftlab.unmerge them before disabling")
-            out = self.base_layer(x, *args, **kwargs)
+            out = self.base_layer(*args, **kwargs)
             return self._restore_base(x, out, adapters.keys())
         routing = state.routing
         if routing is None:
             active = [n for n in state.active if n in adapters and n not in state.merged]
-            if (len(active) == 1 and not args and not kwargs and not _has_hooks(self.base_layer)
+            if (len(active) == 1 and len(args) == 1 and not kwargs and not _has_hooks(self.base_layer)
                     and not torch.is_autocast_enabled(x.device.type)):  # fused paths compute in one dtype
                 fused = getattr(adapters[active[0]], "fused_forward", None)
                 if fused is not None:
@@ -48,9 +50,9 @@ class AdapterLayer(nn.Module):
                     if out is not None:
                         others = [n for n in adapters.keys() if n != active[0] and n not in state.merged]
                         return self._restore_base(x, out, others)
-            out = self.base_layer(x, *args, **kwargs)
+            out = self.base_layer(*args, **kwargs)
             for name in active:
-                out = out + adapters[name](x, out)
+                out = _add(out, _call(adapters[name], x, out, args, kwargs))
             inactive = [n for n in adapters.keys() if n not in active and n not in state.merged]
             return self._restore_base(x, out, inactive)
         return self._routed_forward(x, args, kwargs, routing)
@@ -64,7 +66,8 @@ class AdapterLayer(nn.Module):
                 f"routing names {routing.rows} rows but the batch has {x.shape[0]}; give one adapter (or None) per row "
                 "(beam search and num_return_sequences > 1 change the batch size and are not supported with routing)"
             )
-        base_out = out = self.base_layer(x, *args, **kwargs)
+        base_out = self.base_layer(*args, **kwargs)
+        out = _first(base_out)
         segments = routing.segments(x.device)
         # Every adapter sees the base output, exactly as when it runs alone (set_active), whatever
         # the order the adapters were attached in; base corrections (PiSSA) come after.
@@ -72,10 +75,13 @@ class AdapterLayer(nn.Module):
             rows = segments.get(name)
             if rows is None:
                 continue
+            if getattr(adapter, "wants_call", False):
+                raise StateError(f"adapter {name!r} ({type(adapter).__name__}) reads its layer's other inputs and cannot "
+                                 "be routed per row; run it alone with set_active")
             if len(rows) == routing.rows:
                 out = out + adapter(x, base_out)
             else:
-                out = out.index_add(0, rows, adapter(x.index_select(0, rows), base_out.index_select(0, rows)))
+                out = out.index_add(0, rows, adapter(x.index_select(0, rows), _select_rows(base_out, rows)))
         for name, adapter in self.adapters.items():
             if getattr(adapter, "alters_base", False):  # adapters that changed the base restore it on other rows
                 rows = segments.get(name)
@@ -84,17 +90,58 @@ class AdapterLayer(nn.Module):
                 elif len(rows) != routing.rows:
                     correction = adapter.inactive_delta(x)
                     out = out + correction.index_fill(0, rows, 0)
-        return out
+        return _replace_first(base_out, out)
 
     def _restore_base(self, x, out, names):
         for name in names:
             adapter = self.adapters[name]
             if getattr(adapter, "alters_base", False):
-                out = out + adapter.inactive_delta(x)
+                out = _add(out, adapter.inactive_delta(x))
         return out
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.adapters.keys())}"
+
+
+# An adapter's ``forward(x, base_out)`` returns what to add to the wrapped module's output. ``x``
+# is the module's main input (its first positional argument, or the keyword a model passes it
+# as); ``base_out`` is the module's output, a tensor or, for modules that return a tuple (an
+# attention block's ``(hidden, weights)``), that tuple, whose first element the delta is added to.
+# An adapter with ``wants_call = True`` also receives the call's ``args`` and ``kwargs`` (e.g. the
+# rotary position embeddings an attention block is given).
+MAIN_INPUT_NAMES = ("hidden_states", "input", "x", "input_ids", "inputs_embeds")
+
+
+def _main_input(args, kwargs):
+    if args:
+        return args[0]
+    for key in MAIN_INPUT_NAMES:
+        if key in kwargs:
+            return kwargs[key]
+    raise StateError(f"a wrapped module was called without a tensor input (keywords: {sorted(kwargs)})")
+
+
+def _call(adapter, x, base_out, args, kwargs):
+    if getattr(adapter, "wants_call", False):
+        return adapter(x, base_out, args, kwargs)
+    return adapter(x, base_out)
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _add(out, delta):
+    return (out[0] + delta, *out[1:]) if isinstance(out, tuple) else out + delta
+
+
+def _replace_first(out, first):
+    return (first, *out[1:]) if isinstance(out, tuple) else first
+
+
+def _select_rows(out, rows):
+    return tuple(o.index_select(0, rows) if torch.is_tensor(o) and o.dim() > 0 else o for o in out) \
+        if isinstance(out, tuple) else out.index_select(0, rows)
 
 
 def _has_hooks(module: nn.Module) -> bool:

@@ -31,6 +31,8 @@ def named_base_modules(model: nn.Module):
 
     def walk(module, prefix):
         for child_name, child in module.named_children():
+            if child_name == "peftlab_model_adapters":  # soft prompts and prefixes (model_adapters.py)
+                continue
             name = f"{prefix}.{child_name}" if prefix else child_name
             if isinstance(child, AdapterLayer):
                 yield name, child.base_layer

@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
+from ..core import adapters as core
 from ..errors import StateError, TrainingError
 from ..models import resolve_device
 from .checkpoint import capture_rng, checkpoint_folder, has_checkpoint, load_checkpoint, restore_rng, save_checkpoint
@@ -46,10 +47,13 @@ def train(model: torch.nn.Module, data, cfg: TrainConfig | None = None, eval_fn=
     was_training = model.training
     prepare_model(model, device)
     params = trainable_parameters(model)
+    saved = {**params, **adapter_buffers(model)}  # what a checkpoint holds besides the optimizer
     optimizer = make_optimizer(params, cfg)
     order = DataOrder(len(data), cfg.seed)
     collate = getattr(data, "collate", None) or default_collate
-    run = start_or_resume(cfg, params, optimizer)
+    run = start_or_resume(cfg, saved, optimizer)
+    if run.resumed_from is None:
+        calibrate(model, data, collate, order, cfg, device)
 
     model.train()
     bar = tqdm(total=cfg.steps, initial=run.steps, disable=not cfg.progress, desc="train", unit="step",
@@ -68,7 +72,7 @@ def train(model: torch.nn.Module, data, cfg: TrainConfig | None = None, eval_fn=
                 run.eval_history.append(evaluate(model, eval_fn, run.steps))
                 bar.write(f"step {run.steps}: {format_metrics(run.eval_history[-1])}")
             if cfg.out_dir and due(run.steps, cfg.save_every, cfg.steps):
-                save_checkpoint(checkpoint_folder(cfg.out_dir), run.steps, params, optimizer, run.progress(cfg))
+                save_checkpoint(checkpoint_folder(cfg.out_dir), run.steps, saved, optimizer, run.progress(cfg))
     finally:
         bar.close()
         model.train(was_training)
@@ -96,6 +100,33 @@ def trainable_parameters(model: torch.nn.Module) -> dict:
         raise StateError("the model has no trainable parameters; attach an adapter first, "
                          "e.g. peftlab.attach(model, 'lora[r=16]')")
     return params
+
+
+def adapter_buffers(model: torch.nn.Module) -> dict:
+    """Buffers of adapter modules (masks, ranks, importance scores): a method's training state
+    that is not a parameter, saved in checkpoints so a resumed run continues exactly."""
+    mine = {id(b) for _, module in core.all_adapters(model) for b in module.buffers()}
+    return {name: b for name, b in model.named_buffers() if id(b) in mine}
+
+
+def calibrate(model, data, collate, order, cfg: TrainConfig, device, batches: int = 8) -> None:
+    """Let data-driven methods (FishMask's Fisher information) see the first training batches,
+    in eval mode and without touching the random streams training uses next."""
+    if not any(True for _ in core.active_hooks(model, "calibrate")):
+        return
+    count = min(batches, max(1, len(data) // cfg.batch_size))
+    rows = [order.take(i * cfg.batch_size, cfg.batch_size) for i in range(count)]
+
+    def loss_fn(m, batch):
+        return training_loss(m, batch, cfg.chunked_loss)
+
+    was_training = model.training
+    model.eval()
+    try:
+        with _preserved_rng():
+            core.calibrate(model, [to_device(collate([data[i] for i in r]), device) for r in rows], loss_fn)
+    finally:
+        model.train(was_training)
 
 
 def make_optimizer(params: dict, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -189,6 +220,7 @@ def train_step(model, data, collate, order, position: int, optimizer, params: di
         optimizer.zero_grad(set_to_none=True)
         raise non_finite_error(loss, grad_norm, step + 1, cfg)
     optimizer.step()
+    core.after_step(model, step + 1, cfg.steps)  # budget schedules, proximal updates (gradients still here)
     optimizer.zero_grad(set_to_none=True)
     return loss, tokens
 
@@ -235,15 +267,20 @@ def accumulate_gradients(model, data, collate, order: DataOrder, position: int, 
     total_loss, tokens = 0.0, 0
     for micro in range(cfg.grad_accum):
         indices = order.take(position + micro * cfg.batch_size, cfg.batch_size)
-        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate([data[i] for i in indices]).items()}
+        batch = to_device(collate([data[i] for i in indices]), device)
         loss = training_loss(model, batch, cfg.chunked_loss)
         if loss is None:
             raise TrainingError("the model returned no loss; the batches need 'labels' "
                                 "(CausalLMData and ClassificationData add them)")
-        (loss / cfg.grad_accum).backward()
+        penalty = core.regularization(model)  # e.g. L0 gates, orthogonality; reported loss excludes it
+        ((loss if penalty is None else loss + penalty) / cfg.grad_accum).backward()
         total_loss += loss.item() / cfg.grad_accum
         tokens += count_tokens(batch)
     return total_loss, tokens
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def count_tokens(batch: dict) -> int:
