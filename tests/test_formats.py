@@ -172,10 +172,19 @@ def test_load_as_second_adapter(ids, tmp_path):
         peftlab.load(model, tmp_path, name="c")
 
 
+def test_a_union_is_saved_in_peftlab_format_and_round_trips(tmp_path, ids):
+    model = randomize_adapters(peftlab.attach(make_llama(), "lora[targets=q_proj]|dora[r=2,targets=v_proj]"))
+    peftlab.save(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "PEFTLAB"
+    assert [m["method"] for m in config["methods"]] == ["lora", "dora"]
+    assert config["methods"][1]["modules"] == ["model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.v_proj"]
+    loaded = peftlab.load(make_llama(), tmp_path)
+    torch.testing.assert_close(logits(loaded, ids), logits(model, ids), rtol=0, atol=0)
+    assert peftlab.summary(loaded)["methods"] == peftlab.summary(model)["methods"]
+
+
 def test_save_refuses_what_it_cannot_write(tmp_path):
-    model = peftlab.attach(make_llama(), "lora[targets=q_proj]|dora[targets=v_proj]")
-    with pytest.raises(peftlab.ConfigError, match="only single LoRA or DoRA"):
-        peftlab.save(model, tmp_path)
     model = peftlab.attach(make_llama(), "lora[targets=q_proj]")
     with pytest.raises(peftlab.ConfigError, match="no adapter named 'x'"):
         peftlab.save(model, tmp_path, name="x")

@@ -158,7 +158,7 @@ def test_pissa_export_is_plain_lora_on_the_original_base(spec, ids, tmp_path):
     trained = logits(model, ids)
     for _, layer in model.named_modules():
         if isinstance(layer, AdapterLayer):
-            tensors, r, alpha = layer.adapters["default"].export_state()
+            tensors, r, alpha = layer.adapters["default"].hf_state()
             assert r == 8 and tensors["lora_A.weight"].shape[0] == 8 and tensors["lora_B.weight"].shape[1] == 8
     peftlab.save(model, tmp_path)
     fresh = make_gpt2() if "rslora" in spec else make_llama()

@@ -17,7 +17,7 @@ from .errors import (  # noqa: E402
     TargetError,
     TrainingError,
 )
-from .formats.hf_peft import load, save  # noqa: E402
+from .formats.io import load, save  # noqa: E402
 from .methods import METHODS  # noqa: E402
 
 __all__ = [

@@ -495,7 +495,7 @@ def read_safetensors_header(path) -> tuple[dict, dict]:
 def read_adapter_header(adapter) -> tuple[dict, dict]:
     """(adapter_config.json, the weights' header) with the usual checks on the folder."""
     from .formats.files import read_json, refuse_pickles
-    from .formats.hf_peft import CONFIG_NAME, WEIGHTS_NAME
+    from .formats.io import CONFIG_NAME, WEIGHTS_NAME
 
     folder = Path(adapter)
     if not folder.is_dir():

@@ -1,8 +1,9 @@
 """Which modules of a model a method attaches to.
 
 A target is a module-name suffix (``q_proj`` matches ``model.layers.3.self_attn.q_proj``),
-a regex on the full name written ``re:<regex>``, or ``all-linear``: every linear layer except
-the output head (QLoRA's recipe). ``layers`` keeps modules of some block indices only;
+a regex on the full name written ``re:<regex>``, ``all-linear``: every linear layer except
+the output head (QLoRA's recipe), or a role (``ffn-out``, ``attn-out``, ``keys``, ``norms``...,
+see ``ROLES``) that names the same place in every supported architecture. ``layers`` keeps modules of some block indices only;
 ``exclude`` removes names or regexes. A spec that matches nothing is an error that names the
 module names closest to what was asked for.
 """
@@ -17,6 +18,22 @@ from ..errors import TargetError
 from .layer import AdapterLayer
 
 ALL_LINEAR = "all-linear"
+
+# Roles: the places in a transformer block that methods talk about, written once per architecture
+# family (Llama/Mistral/Qwen, BERT/RoBERTa, GPT-2, OPT/Phi), so a method's default targets work on
+# any of them. A target list may mix roles with module names: ``targets=[ffn-out,q_proj]``.
+ROLES = {
+    "queries": [r".*\.q_proj", r".*\.attention\.self\.query"],
+    "keys": [r".*\.k_proj", r".*\.attention\.self\.key"],
+    "values": [r".*\.v_proj", r".*\.attention\.self\.value"],
+    "attn-out": [r".*\.self_attn\.o_proj", r".*\.attention\.output\.dense", r".*\.attn\.c_proj",
+                 r".*\.self_attn\.out_proj", r".*\.self_attn\.dense"],
+    "ffn-in": [r".*\.mlp\.(gate|up)_proj", r".*\.intermediate\.dense", r".*\.mlp\.c_fc", r".*\.fc1"],
+    "ffn-out": [r".*\.mlp\.down_proj", r".*\.layer\.\d+\.output\.dense", r".*\.mlp\.c_proj", r".*\.fc2"],
+    "attention": [r".*\.self_attn", r".*\.attention\.self", r".*\.h\.\d+\.attn"],
+    "mlp": [r".*\.mlp", r".*\.layer\.\d+\.intermediate"],
+    "norms": [],  # by type: every LayerNorm / RMSNorm (see is_norm)
+}
 _LAYER_INDEX = re.compile(r"\.(\d+)(?:\.|$)")
 
 
@@ -56,6 +73,25 @@ def output_head_names(model: nn.Module) -> set:
     return heads
 
 
+def is_norm(module: nn.Module) -> bool:
+    """LayerNorm, or an RMSNorm of any model family (``LlamaRMSNorm``, ``nn.RMSNorm``, ...)."""
+    return isinstance(module, (nn.LayerNorm, getattr(nn, "RMSNorm", nn.LayerNorm))) or type(module).__name__.endswith(
+        ("RMSNorm", "LayerNorm"))
+
+
+def expand_roles(targets: list, modules: dict) -> list:
+    """Target patterns with each role name replaced by the module names it selects."""
+    out = []
+    for pattern in targets:
+        if pattern == "norms":
+            out += [n for n, m in modules.items() if is_norm(m)]
+        elif pattern in ROLES:
+            out += [n for n in modules if any(re.fullmatch(r, n) for r in ROLES[pattern])]
+        else:
+            out.append(pattern)
+    return out
+
+
 def layer_index(name: str) -> int | None:
     found = _LAYER_INDEX.search(name)
     return int(found.group(1)) if found else None
@@ -77,12 +113,14 @@ def find_targets(model: nn.Module, config, can_wrap) -> list[str]:
         heads = output_head_names(model)
         chosen = [n for n, m in modules.items() if is_linear(m) and n not in heads]
     else:
-        chosen = [n for n in modules if any(_matches(n, p) for p in targets)]
+        expanded = expand_roles(targets, modules)
+        chosen = [n for n in modules if any(_matches(n, p) for p in expanded)]
         # a suffix that names a container (e.g. "self_attn") is not a target; its children may be
         chosen = [n for n in chosen if can_wrap(modules[n]) or not list(modules[n].children())]
     if config.layers is not None:
         chosen = [n for n in chosen if layer_index(n) in set(config.layers)]
-    chosen = [n for n in chosen if not any(_matches(n, p) for p in config.exclude)]
+    excluded = expand_roles(config.exclude, modules)
+    chosen = [n for n in chosen if not any(_matches(n, p) for p in excluded)]
     if not chosen:
         raise TargetError(_nothing_matched(config, modules))
     for name in chosen:

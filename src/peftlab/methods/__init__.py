@@ -1,7 +1,22 @@
 """The method registry: one file per method, one line here per method.
 
-A method file provides ``Config`` (a ``MethodConfig`` dataclass), ``can_wrap(module)``,
-``make_adapter(module, config, name)`` and the facts ``CATEGORY``, ``PAPER``, ``MERGEABLE``.
+A method file provides:
+
+- ``Config``: a ``MethodConfig`` dataclass (``method`` ClassVar = the registry name), whose
+  ``validate()`` raises ``ConfigError`` naming the bad setting;
+- the facts ``CATEGORY`` (additive / selective / reparameterized / hybrid), ``PAPER``,
+  ``MERGEABLE``, ``INVALID_SETTINGS`` (spec settings that must fail, for the registry tests), and
+  optionally ``IDENTITY_AT_INIT = False`` (soft prompts change the output from the start),
+  ``EXAMPLE_SETTINGS`` (settings a tiny test model needs), ``DEFAULT_LR``;
+- either ``can_wrap(module)`` and ``make_adapter(module, config, module_name)`` for a method that
+  wraps modules (``core/layer.py``: the adapter returns what to add to the module's output, and
+  may ``merge(base)`` / ``unmerge(base)``), or ``make_model_adapter(model, config)`` for one that
+  rewrites the model's inputs (soft prompts, prefixes: ``core/model_adapters.py``);
+- optionally the training hooks ``regularization``, ``after_step``, ``calibrate``
+  (``core/adapters.py``), and ``export_state()`` / ``import_state()`` on its modules for a
+  storage form other than the state dict (``formats/native.py``).
+
+The registry tests (``tests/test_method_properties.py``) check every method listed here.
 """
 from __future__ import annotations
 

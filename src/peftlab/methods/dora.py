@@ -26,6 +26,7 @@ from .lora import LoraConfig, LoraLinear, base_weight, set_base_weight
 CATEGORY = "reparameterized"
 PAPER = "Liu et al., 2024 (arXiv:2402.09353)"
 MERGEABLE = True
+INVALID_SETTINGS = ("r=0", "init=pissa")
 
 
 @dataclass
@@ -90,8 +91,8 @@ class DoraLinear(LoraLinear):
             set_base_weight(base, original)
             del self._merged_norm
 
-    def export_state(self):
-        tensors, r, alpha = super().export_state()
+    def hf_state(self):
+        tensors, r, alpha = super().hf_state()
         tensors["lora_magnitude_vector"] = self.lora_magnitude_vector.detach()
         return tensors, r, alpha
 

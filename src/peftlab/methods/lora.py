@@ -34,6 +34,7 @@ from ..errors import ConfigError, TargetError
 CATEGORY = "reparameterized"
 PAPER = "Hu et al., 2022 (arXiv:2106.09685)"
 MERGEABLE = True
+INVALID_SETTINGS = ("r=0", "alpha=-1", "dropout=1.5", "init=svd")
 INITS = ("default", "gaussian", "pissa")
 
 
@@ -206,7 +207,7 @@ class LoraLinear(nn.Module):
         if self.alters_base:
             set_base_weight(base, base_weight(base) + delta_weight(self.pissa_A0, self.pissa_B0, self.scaling))
 
-    def export_state(self) -> tuple[dict, int, float]:
+    def hf_state(self) -> tuple[dict, int, float]:
         """Tensors to save (HF PEFT names), with the rank and alpha they stand for.
         PiSSA is saved as the equivalent plain LoRA of rank 2r on the original base."""
         A, B = self.lora_A.weight.detach(), self.lora_B.weight.detach()
@@ -249,7 +250,7 @@ class LoraEmbedding(nn.Module):
     def detach_from(self, base) -> None:
         pass
 
-    def export_state(self):
+    def hf_state(self):
         return {"lora_embedding_A": self.lora_embedding_A.detach(), "lora_embedding_B": self.lora_embedding_B.detach()}, self.r, self.alpha
 
 

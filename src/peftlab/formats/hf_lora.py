@@ -1,0 +1,173 @@
+"""Hugging Face PEFT's LoRA format (``peft_type: LORA``, with or without DoRA), read and written exactly.
+
+``adapter_config.json`` is a ``LoraConfig`` as PEFT writes it; ``adapter_model.safetensors`` has
+keys ``base_model.model.<module path>.lora_A.weight``, ``lora_B.weight``, ``lora_magnitude_vector``
+(DoRA) and ``lora_embedding_A/B`` (embeddings). Such folders load in ``peft``
+(``PeftModel.from_pretrained``) and vLLM, and theirs load here. ``io.py`` does the files, the
+base-model fingerprint and ``modules_to_save``.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+from torch import nn
+
+from ..core import adapters as core
+from ..core.state import require_state
+from ..core.targets import named_base_modules
+from ..errors import AdapterFormatError, IncompatibleBaseError
+from ..methods.dora import DoraConfig
+from ..methods.lora import LoraConfig
+
+PEFT_TYPES = ("LORA",)
+PREFIX = "base_model.model."
+ADAPTER_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B")
+
+
+# ---- save ------------------------------------------------------------------------------------
+
+def writes(configs) -> bool:
+    return len(configs) == 1 and configs[0].method in ("lora", "dora")
+
+
+def to_hf(model: nn.Module, name: str, config: LoraConfig) -> tuple[dict, dict]:
+    """(adapter_config.json, tensors) of adapter ``name`` as PEFT writes a LoRA."""
+    state = require_state(model)
+    tensors, ranks, alphas, modules = {}, {}, {}, {}
+    for module_name, layer in core.adapter_layers(model, name):
+        local, r, alpha = layer.adapters[name].hf_state()
+        for key, value in local.items():
+            tensors[f"{PREFIX}{module_name}.{key}"] = value
+        ranks[module_name], alphas[module_name] = r, alpha
+        modules[module_name] = layer.base_layer
+    base_modules = dict(named_base_modules(model))
+    r, alpha = Counter(ranks.values()).most_common(1)[0][0], Counter(alphas.values()).most_common(1)[0][0]
+    hf = {
+        "peft_type": "LORA",
+        "base_model_name_or_path": state.base_name,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": config.dropout,
+        "use_rslora": config.rslora,
+        "use_dora": isinstance(config, DoraConfig),
+        "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
+        "target_modules": _target_names(list(modules), base_modules),
+        "rank_pattern": {re.escape(m): v for m, v in ranks.items() if v != r},
+        "alpha_pattern": {re.escape(m): v for m, v in alphas.items() if v != alpha},
+        "fan_in_fan_out": any(type(m).__name__ == "Conv1D" for m in modules.values()),
+        "modules_to_save": list(config.modules_to_save) or None,
+        "bias": "none",
+        "inference_mode": True,
+        "peft_version": "0.21.2",
+        "revision": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "exclude_modules": None,
+    }
+    return hf, tensors
+
+
+def _target_names(wrapped: list, base_modules: dict) -> list:
+    """Short suffixes (``q_proj``) when they select exactly the wrapped modules, as vLLM and
+    PEFT users expect; full module names otherwise."""
+    leaves = sorted({m.split(".")[-1] for m in wrapped})
+    selected = {n for n in base_modules if n.split(".")[-1] in leaves}
+    return leaves if selected == set(wrapped) else sorted(wrapped)
+
+
+# ---- load ------------------------------------------------------------------------------------
+
+def config_from_hf(hf: dict, modules: list) -> LoraConfig:
+    peft_type = hf.get("peft_type")
+    if peft_type != "LORA":
+        raise AdapterFormatError(f"peft_type {peft_type!r} is not supported yet (supported: LORA, with or without DoRA)")
+    init = hf.get("init_lora_weights", True)
+    if isinstance(init, str) and init.startswith(("pissa", "olora", "corda", "eva", "loftq")):
+        raise AdapterFormatError(f"this adapter was saved with init_lora_weights={init!r}, so it only fits that init's modified "
+                                 "base; re-save it from peft with path_initial_model_for_weight_conversion to get a plain LoRA")
+    cls = DoraConfig if hf.get("use_dora") else LoraConfig
+    try:
+        config = cls(
+            targets=sorted(modules),
+            r=int(hf.get("r", 8)),
+            alpha=hf.get("lora_alpha", 8),
+            dropout=float(hf.get("lora_dropout", 0.0)),
+            rslora=bool(hf.get("use_rslora", False)),
+            init="gaussian" if init == "gaussian" else "default",
+            rank_pattern=dict(hf.get("rank_pattern") or {}),
+            alpha_pattern=dict(hf.get("alpha_pattern") or {}),
+            modules_to_save=list(hf.get("modules_to_save") or []),
+        )
+        config.validate()
+    except (TypeError, ValueError) as error:
+        raise AdapterFormatError(f"adapter_config.json has invalid values: {error}") from None
+    return config
+
+
+def split_keys(tensors: dict) -> tuple[dict, dict]:
+    """``{module path: {local key: tensor}}`` for adapter tensors, and the other (saved module) tensors."""
+    per_module, others = {}, {}
+    for key, value in tensors.items():
+        if not key.startswith(PREFIX):
+            raise AdapterFormatError(f"unexpected tensor name {key!r}: keys should start with {PREFIX!r}")
+        path = key[len(PREFIX):]
+        suffix = next((s for s in ADAPTER_SUFFIXES if path.endswith("." + s)), None)
+        if suffix is None:
+            others[path] = value
+        else:
+            per_module.setdefault(path[: -len(suffix) - 1], {})[suffix] = value
+    return per_module, others
+
+
+def from_hf(model: nn.Module, hf: dict, tensors: dict, name: str, source) -> None:
+    """Attach the LoRA in (``hf``, ``tensors``) to ``model`` as ``name``; ``io.load`` undoes it on error."""
+    per_module, _ = split_keys(tensors)
+    if not per_module:
+        raise AdapterFormatError(f"{source}: the weights file holds no LoRA tensors")
+    config = config_from_hf(hf, list(per_module))
+    _check_shapes(model, per_module, source)
+    # PEFT writes every head name it might use for the task (["classifier", "score"] for SEQ_CLS,
+    # whatever the model has); keep those this model has.
+    base_names = [n for n, _ in named_base_modules(model)]
+    config.modules_to_save = [m for m in dict.fromkeys(config.modules_to_save)
+                              if any(n == m or n.endswith("." + m) for n in base_names)]
+    core.attach(model, config, name=name)
+    for module_name, layer in core.adapter_layers(model, name):
+        local = per_module[module_name]
+        adapter = layer.adapters[name]
+        expected = {k: tuple(v.shape) for k, v in adapter.state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in local.items()}
+        if expected != found:
+            raise AdapterFormatError(f"{source}: tensors for '{module_name}' are {found}, but the config "
+                                     f"(r, use_dora) implies {expected}; the config and weights do not belong together")
+        adapter.load_state_dict(local)
+
+
+def _check_shapes(model, per_module: dict, adapter_dir) -> None:
+    modules = dict(named_base_modules(model))
+    missing = [m for m in per_module if m not in modules]
+    if missing:
+        raise IncompatibleBaseError(
+            f"{adapter_dir} adapts modules this model does not have ({', '.join(missing[:3])}"
+            f"{' ...' if len(missing) > 3 else ''}); it was saved for another base model"
+        )
+    for module_name, local in per_module.items():
+        module = modules[module_name]
+        if isinstance(module, nn.Embedding):
+            want = (module.embedding_dim, module.num_embeddings)
+            pair = ("lora_embedding_B", "lora_embedding_A")
+        else:
+            w = module.weight
+            want = tuple(w.t().shape if type(module).__name__ == "Conv1D" else w.shape)
+            pair = ("lora_B.weight", "lora_A.weight")
+        got = None
+        if all(k in local and local[k].dim() == 2 for k in pair):
+            got = (local[pair[0]].shape[0], local[pair[1]].shape[1])
+        if got is None:
+            raise AdapterFormatError(f"{adapter_dir}: '{module_name}' has an incomplete set of tensors {sorted(local)}")
+        if tuple(got) != tuple(want):
+            raise IncompatibleBaseError(
+                f"{adapter_dir} was saved for a base whose '{module_name}' is {got[0]}x{got[1]}, but this model's is "
+                f"{want[0]}x{want[1]}: wrong base model"
+            )
