@@ -254,6 +254,20 @@ def test_info_reads_config_and_header_only(trained, capsys, monkeypatch):
     assert info["method"] == "lora" and info["base_model"] == "tiny" and info["r"] == 8 and info["task_type"] == "CAUSAL_LM"
 
 
+def test_info_describes_a_peftlab_format_union(tmp_path, capsys):
+    from conftest import make_llama
+
+    model = peftlab.attach(make_llama(), "lora[r=2,targets=q_proj]|dora[r=3,targets=v_proj]")
+    peftlab.save(model, tmp_path / "union")
+    code, out, _ = run(capsys, "info", tmp_path / "union", "--json")
+    info = json.loads(out)
+    assert code == 0 and info["method"] == "lora|dora" and info["peft_type"] == "PEFTLAB"
+    assert info["adapted_modules"] == 4 and info["parameters"] == peftlab.summary(model)["adapters"]["default"]
+    assert [s["r"] for s in info["settings"]] == [2, 3]
+    code, out, _ = run(capsys, "info", tmp_path / "union")
+    assert "dora settings:" in out and "r=3" in out
+
+
 def test_info_errors(tmp_path, capsys):
     code, _, err = run(capsys, "info", tmp_path / "nothing")
     assert code == 2 and err.startswith("error: ") and "does not exist" in err

@@ -516,13 +516,29 @@ def adapter_info(adapter) -> dict:
             extra = json.loads(metadata["peftlab"])
         except json.JSONDecodeError:
             extra = {}
-    modules = sorted({name.rsplit(".lora_", 1)[0].removeprefix("base_model.model.")
-                      for name in tensors if ".lora_" in name})
-    adapter_params = sum(math.prod(t["shape"]) for n, t in tensors.items() if ".lora_" in n)
-    other_params = sum(math.prod(t["shape"]) for n, t in tensors.items() if ".lora_" not in n)
+    configs = extra.get("configs") or ([extra["config"]] if extra.get("config") else [])
+    saved_heads = list(hf.get("modules_to_save") or []) + [m for c in configs for m in c.get("modules_to_save") or []]
+    saved_heads = list(dict.fromkeys(saved_heads))
+
+    def is_saved_module(key: str) -> bool:
+        path = key.removeprefix("base_model.model.").rsplit(".", 1)[0]
+        return any(path == m or path.endswith("." + m) for m in saved_heads)
+
+    if hf.get("peft_type") == "PEFTLAB":
+        modules = sorted({m for entry in hf.get("methods") or [] for m in entry.get("modules") or []})
+    else:
+        modules = sorted({name.rsplit(".lora_", 1)[0].removeprefix("base_model.model.")
+                          for name in tensors if ".lora_" in name})
+    other_params = sum(math.prod(t["shape"]) for n, t in tensors.items() if is_saved_module(n))
+    adapter_params = sum(math.prod(t["shape"]) for n, t in tensors.items() if not is_saved_module(n))
     size = sum(math.prod(t["shape"]) * SAFETENSORS_DTYPE_BYTES.get(t["dtype"], 4) for t in tensors.values())
     peft_type = hf.get("peft_type", "?")
-    method = (extra.get("config") or {}).get("method") or ("dora" if hf.get("use_dora") else str(peft_type).lower())
+    if configs:
+        method = "|".join(c.get("method", "?") for c in configs)
+    elif peft_type == "PEFTLAB":
+        method = "|".join(m.get("method", "?") for m in hf.get("methods") or [])
+    else:
+        method = "dora" if hf.get("use_dora") else str(peft_type).lower()
     r, alpha = hf.get("r"), hf.get("lora_alpha")
     scale = None
     if isinstance(r, (int, float)) and isinstance(alpha, (int, float)) and r:
@@ -540,7 +556,8 @@ def adapter_info(adapter) -> dict:
         "rank_pattern": hf.get("rank_pattern") or {},
         "alpha_pattern": hf.get("alpha_pattern") or {},
         "target_modules": hf.get("target_modules"),
-        "modules_to_save": hf.get("modules_to_save") or [],
+        "modules_to_save": saved_heads,
+        "settings": [{k: v for k, v in c.items() if k not in ("method", "modules")} for c in configs],
         "adapted_modules": len(modules),
         "parameters": adapter_params + other_params,
         "adapter_parameters": adapter_params,
@@ -557,22 +574,27 @@ def cmd_info(args) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    targets = info["target_modules"]
-    targets = ", ".join(targets) if isinstance(targets, list) else str(targets)
-    rank = f"{info['r']} (alpha {info['alpha']:g}" if isinstance(info["alpha"], (int, float)) else f"{info['r']} (alpha ?"
-    rank += f", scale {info['scaling']:g}" if info["scaling"] is not None else ""
-    rank += ", rsLoRA)" if info["rslora"] else ")"
-    if info["rank_pattern"]:
-        rank += f"; per module: {info['rank_pattern']}"
     lines = [
         ("adapter", info["adapter"]),
         ("method", f"{info['method']} (peft_type {info['peft_type']})"),
         ("base model", info["base_model"] or "(not recorded)"),
         ("task type", info["task_type"] or "(not recorded)"),
-        ("rank", rank),
-        ("targets", f"{targets} ({info['adapted_modules']} modules)"),
-        ("parameters", f"{info['parameters']:,} ({info['bytes'] / 2**20:.1f} MiB, {'/'.join(info['dtypes']) or '-'})"),
     ]
+    if info["r"] is not None:
+        rank = f"{info['r']} (alpha {info['alpha']:g}" if isinstance(info["alpha"], (int, float)) else f"{info['r']} (alpha ?"
+        rank += f", scale {info['scaling']:g}" if info["scaling"] is not None else ""
+        rank += ", rsLoRA)" if info["rslora"] else ")"
+        if info["rank_pattern"]:
+            rank += f"; per module: {info['rank_pattern']}"
+        lines.append(("rank", rank))
+    for method, settings in zip(info["method"].split("|"), info["settings"]):
+        shown = {k: v for k, v in settings.items() if v not in (None, [], {}) and k not in ("targets", "exclude")}
+        lines.append((f"{method} settings", ", ".join(f"{k}={v}" for k, v in shown.items()) or "(defaults)"))
+    targets = info["target_modules"]
+    if targets or info["adapted_modules"]:
+        targets = ", ".join(targets) if isinstance(targets, list) else str(targets or "")
+        lines.append(("targets", f"{targets} ({info['adapted_modules']} modules)".strip()))
+    lines.append(("parameters", f"{info['parameters']:,} ({info['bytes'] / 2**20:.1f} MiB, {'/'.join(info['dtypes']) or '-'})"))
     if info["modules_to_save"]:
         lines.append(("trained in full", f"{', '.join(info['modules_to_save'])} "
                                          f"({info['saved_module_parameters']:,} parameters)"))
