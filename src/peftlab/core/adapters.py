@@ -20,25 +20,30 @@ from .targets import find_targets, get_submodule_parent, named_base_modules
 
 
 def build_configs(spec) -> list[MethodConfig]:
-    """A spec string, a config object, or a list of config objects -> list of validated configs."""
+    """A spec string, a config object, or a list of config objects -> list of validated configs.
+    A recipe method (one whose file has ``expand(config)``, e.g. MAM = prefix + parallel adapter)
+    becomes the configs it stands for."""
     from ..methods import get_method
 
     if isinstance(spec, MethodConfig):
-        spec.validate()
-        return [spec]
-    if isinstance(spec, (list, tuple)) and all(isinstance(c, MethodConfig) for c in spec):
-        for c in spec:
-            c.validate()
-        return list(spec)
-    if isinstance(spec, dict):
-        return [get_method(spec.get("method", "")).Config.from_dict(spec)]
-    configs = []
-    for method_name, settings in parse_spec(spec):
-        try:
-            configs.append(get_method(method_name).Config.from_dict(settings))
-        except TypeError as error:  # a dataclass rejecting a value of the wrong shape
-            raise ConfigError(f"{method_name}: {error}") from None
-    return configs
+        configs = [spec]
+    elif isinstance(spec, (list, tuple)) and all(isinstance(c, MethodConfig) for c in spec):
+        configs = list(spec)
+    elif isinstance(spec, dict):
+        configs = [get_method(spec.get("method", "")).Config.from_dict(spec)]
+    else:
+        configs = []
+        for method_name, settings in parse_spec(spec):
+            try:
+                configs.append(get_method(method_name).Config.from_dict(settings))
+            except TypeError as error:  # a dataclass rejecting a value of the wrong shape
+                raise ConfigError(f"{method_name}: {error}") from None
+    out = []
+    for config in configs:
+        config.validate()
+        expand = getattr(get_method(config.method), "expand", None)
+        out += build_configs(expand(config)) if expand is not None else [config]
+    return out
 
 
 def attach(model: nn.Module, spec, name: str = "default") -> nn.Module:
