@@ -1,7 +1,10 @@
 """Properties every registered method must have, generated from the registry.
 
 For each method, on a tiny Llama-style decoder and a tiny BERT-style encoder, at the method's
-defaults (``EXAMPLE_SETTINGS`` in its file adds settings a tiny model needs):
+defaults (``EXAMPLE_SETTINGS`` in its file adds settings a tiny model needs; ``ARCHITECTURES`` names
+the ones of the two a method supports, e.g. ``("llama",)``; ``EXAMPLE_PREREQUISITES`` maps names to
+specs of adapters the method builds on, attached and given random values first: AdapterFusion's
+task adapters; ``EXAMPLE_MODEL_SETTINGS`` overrides the tiny models' config, see ``base_model``):
 
 - the output equals the base model at init, where the method promises it (``IDENTITY_AT_INIT``);
 - a save / load round trip gives exactly the same outputs;
@@ -24,8 +27,9 @@ from peftlab.core import adapters as core
 from peftlab.methods import METHODS
 from peftlab.train import TrainConfig, train
 
-ARCHS = {"llama": make_llama, "bert": lambda: make_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)}
-CASES = [(method, arch) for method in METHODS for arch in ARCHS]
+ARCHS = {"llama": make_llama,
+         "bert": lambda **config: make_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **config)}
+CASES = [(method, arch) for method in METHODS for arch in ARCHS if arch in getattr(METHODS[method], "ARCHITECTURES", ARCHS)]
 IDS = pytest.mark.parametrize("method,arch", CASES, ids=[f"{m}-{a}" for m, a in CASES])
 
 
@@ -58,8 +62,19 @@ def perturb(model, seed: int = 0, std: float = 0.05) -> None:
                 p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
 
 
+def base_model(method: str, arch: str):
+    """The tiny model, with the config overrides the method's ``EXAMPLE_MODEL_SETTINGS`` asks for (e.g. an
+    ``initializer_range`` nearer pretrained weights' scale, for adapters that read a sub-layer's output)."""
+    return ARCHS[arch](**getattr(METHODS[method], "EXAMPLE_MODEL_SETTINGS", {}))
+
+
 def attached(method: str, arch: str):
-    model = ARCHS[arch]()
+    model = base_model(method, arch)
+    prerequisites = getattr(METHODS[method], "EXAMPLE_PREREQUISITES", {})
+    for name, spec in prerequisites.items():
+        peftlab.attach(model, spec, name=name)
+    if prerequisites:
+        perturb(model)  # adapters another method builds on are trained ones
     peftlab.attach(model, spec_of(method))
     return model
 
@@ -68,7 +83,7 @@ def attached(method: str, arch: str):
 def test_output_equals_the_base_at_init(method, arch):
     if not getattr(METHODS[method], "IDENTITY_AT_INIT", True):
         pytest.skip(f"{method} changes the output from the start (IDENTITY_AT_INIT = False)")
-    base = outputs(ARCHS[arch](), arch)
+    base = outputs(base_model(method, arch), arch)
     torch.testing.assert_close(outputs(attached(method, arch), arch), base, rtol=0, atol=1e-5)
 
 
@@ -77,9 +92,14 @@ def test_save_load_round_trip_is_exact(method, arch, tmp_path):
     model = attached(method, arch)
     perturb(model)
     expected = outputs(model, arch)
-    peftlab.save(model, tmp_path)
-    loaded = peftlab.load(ARCHS[arch](), tmp_path)
+    loaded = base_model(method, arch)
+    for name in getattr(METHODS[method], "EXAMPLE_PREREQUISITES", {}):
+        peftlab.load(loaded, peftlab.save(model, tmp_path / name, name), name)
+    peftlab.save(model, tmp_path / "default")
+    peftlab.load(loaded, tmp_path / "default")
     torch.testing.assert_close(outputs(loaded, arch), expected, rtol=0, atol=1e-6)
+    if hasattr(METHODS[method], "fold"):  # saved folded (prefix tuning's MLP, p-tuning's encoder): count that
+        METHODS[method].fold(model)
     assert peftlab.summary(loaded)["adapters"] == peftlab.summary(model)["adapters"]
 
 
@@ -100,7 +120,7 @@ def test_merge_equals_unmerged_or_refuses_clearly(method, arch):
 
 @IDS
 def test_disabled_is_exactly_the_base(method, arch):
-    base = outputs(ARCHS[arch](), arch)
+    base = outputs(base_model(method, arch), arch)
     model = attached(method, arch)
     perturb(model)
     with peftlab.disabled(model):

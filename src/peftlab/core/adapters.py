@@ -6,6 +6,7 @@ These functions are the whole public life cycle of an adapter; they are re-expor
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections import defaultdict
 
 from torch import nn
@@ -50,6 +51,11 @@ def attach(model: nn.Module, spec, name: str = "default") -> nn.Module:
     """Add adapter ``name`` to ``model`` (in place) and freeze everything else; returns the model.
 
     ``spec`` is a spec string (``"lora[r=16,alpha=32]"``, methods joined by ``|``) or config object(s).
+    Besides ``can_wrap`` / ``make_adapter``, a method file may define ``find_targets(model, config)``
+    to choose its modules from the model itself (AdapterFusion: where the adapters it fuses sit) and
+    ``after_attach(model, name, config)``, run once its adapters are in place (a parameter shared by
+    all layers, hooks on other modules, references to sibling adapters); an adapter's
+    ``detach_from`` undoes what it set up.
     """
     from ..methods import get_method
 
@@ -65,12 +71,15 @@ def attach(model: nn.Module, spec, name: str = "default") -> nn.Module:
     claimed = {}
     for config in configs:
         method = get_method(config.method)
+        for suffix in config.modules_to_save:
+            _find_modules(model, suffix)
         if is_model_method(method):
             if any(m == config.method for _, m, _ in model_adapters.model_adapters(model, name)):
                 raise ConfigError(f"adapter {name!r} lists {config.method} twice")
             plan.append((config, method, None))
             continue
-        names = find_targets(model, config, method.can_wrap)
+        choose = getattr(method, "find_targets", None)  # e.g. AdapterFusion: where other adapters sit
+        names = choose(model, config) if choose else find_targets(model, config, method.can_wrap)
         for module_name in names:
             if module_name in claimed:
                 raise TargetError(
@@ -78,8 +87,6 @@ def attach(model: nn.Module, spec, name: str = "default") -> nn.Module:
                     "give one of them an 'exclude' or narrower 'targets'"
                 )
             claimed[module_name] = config.method
-        for suffix in config.modules_to_save:
-            _find_modules(model, suffix)
         plan.append((config, method, names))
     # A method can still refuse a module while building its adapter (e.g. PiSSA on an embedding):
     # undo everything done so far, so a failed attach leaves the model as it was.
@@ -91,6 +98,8 @@ def attach(model: nn.Module, spec, name: str = "default") -> nn.Module:
             for p in model.parameters():
                 p.requires_grad_(False)
         for config, method, names in plan:
+            for module_name in config.modules_to_save:
+                _unfreeze_module(model, module_name)
             if names is None:
                 module = method.make_model_adapter(model, config)
                 module.train(model.training)
@@ -102,8 +111,8 @@ def attach(model: nn.Module, spec, name: str = "default") -> nn.Module:
                 adapter = method.make_adapter(layer.base_layer, config, module_name)
                 adapter.train(layer.training)  # new modules start in train mode; follow the model's mode
                 layer.adapters[name] = adapter
-            for module_name in config.modules_to_save:
-                _unfreeze_module(model, module_name)
+            if hasattr(method, "after_attach"):  # ties across layers: shared weights, hooks, sibling adapters
+                method.after_attach(model, name, config)
     except BaseException:
         model_adapters.remove(model, name)
         for module_name, layer in reversed(touched):
@@ -244,8 +253,15 @@ def merge(model: nn.Module, name: str = "default") -> None:
     _check_mergeable(state, name)
     layers = list(adapter_layers(model, name))
     _check_untied(model, layers, name)
-    for _, layer in layers:
-        layer.adapters[name].merge(layer.base_layer)
+    done = []
+    try:
+        for _, layer in layers:
+            layer.adapters[name].merge(layer.base_layer)
+            done.append(layer)
+    except BaseException:  # a layer refused (e.g. a zero (IA)^3 scale): leave the model unmerged
+        for layer in reversed(done):
+            layer.adapters[name].unmerge(layer.base_layer)
+        raise
     state.merged.append(name)
     if name not in state.active:
         state.active.append(name)
@@ -360,7 +376,7 @@ def _method_of(adapter, configs) -> str:
 # A method file may define any of these module-level functions; the trainer calls them for the
 # active adapters (``peftlab.train`` does; a hand-written loop calls these three helpers):
 #   regularization(model, name, config) -> scalar tensor added to the loss (L0 gates, orthogonality)
-#   after_step(model, name, config, step, total_steps)  after optimizer.step(), gradients still
+#   after_step(model, name, config, step, total_steps[, lr])  after optimizer.step(), gradients still
 #       there (budget schedules, proximal updates, pruning)
 #   calibrate(model, name, config, batches, loss_fn)     once before training (Fisher masks)
 
@@ -385,10 +401,12 @@ def regularization(model: nn.Module):
     return sum(terms[1:], terms[0]) if terms else None
 
 
-def after_step(model: nn.Module, step: int, total_steps: int) -> None:
-    """Run the active methods' per-step updates (``step`` counts from 1)."""
+def after_step(model: nn.Module, step: int, total_steps: int, lr: float | None = None) -> None:
+    """Run the active methods' per-step updates (``step`` counts from 1). ``lr``, the step's
+    learning rate, goes to the hooks that take an ``lr`` argument (SoRA's proximal step)."""
     for fn, name, config in active_hooks(model, "after_step"):
-        fn(model, name, config, step, total_steps)
+        extra = {"lr": lr} if "lr" in inspect.signature(fn).parameters else {}
+        fn(model, name, config, step, total_steps, **extra)
 
 
 def calibrate(model: nn.Module, batches, loss_fn) -> None:

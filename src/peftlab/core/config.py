@@ -58,6 +58,11 @@ class MethodConfig:
                 raise ConfigError(f"{self.method}: '{key}' must be a module name or a list of module names "
                                   f"(suffixes or 're:' regexes), got {value!r}")
 
+    def block_indices(self, num_blocks: int) -> list | None:
+        """The block indices to adapt in a model of ``num_blocks`` numbered blocks (None: all);
+        a method may derive them from its own settings (``select[top_layers=2]``)."""
+        return self.layers
+
     def to_dict(self) -> dict:
         return {"method": self.method, **dataclasses.asdict(self)}
 

@@ -41,7 +41,7 @@ class AdapterLayer(nn.Module):
             return self._restore_base(x, out, adapters.keys())
         routing = state.routing
         if routing is None:
-            active = [n for n in state.active if n in adapters and n not in state.merged]
+            active = [n for n in state.active if n in adapters and n not in state.merged and not _skipped(adapters[n])]
             if (len(active) == 1 and len(args) == 1 and not kwargs and not _has_hooks(self.base_layer)
                     and not torch.is_autocast_enabled(x.device.type)):  # fused paths compute in one dtype
                 fused = getattr(adapters[active[0]], "fused_forward", None)
@@ -73,7 +73,7 @@ class AdapterLayer(nn.Module):
         # the order the adapters were attached in; base corrections (PiSSA) come after.
         for name, adapter in self.adapters.items():
             rows = segments.get(name)
-            if rows is None:
+            if rows is None or _skipped(adapter):
                 continue
             if getattr(adapter, "wants_call", False):
                 raise StateError(f"adapter {name!r} ({type(adapter).__name__}) reads its layer's other inputs and cannot "
@@ -108,7 +108,8 @@ class AdapterLayer(nn.Module):
 # as); ``base_out`` is the module's output, a tensor or, for modules that return a tuple (an
 # attention block's ``(hidden, weights)``), that tuple, whose first element the delta is added to.
 # An adapter with ``wants_call = True`` also receives the call's ``args`` and ``kwargs`` (e.g. the
-# rotary position embeddings an attention block is given).
+# rotary position embeddings an attention block is given). An adapter whose ``skipped`` is true
+# right now is not called at all (AdapterDrop: adapters of the lowest layers cost nothing).
 MAIN_INPUT_NAMES = ("hidden_states", "input", "x", "input_ids", "inputs_embeds")
 
 
@@ -119,6 +120,11 @@ def _main_input(args, kwargs):
         if key in kwargs:
             return kwargs[key]
     raise StateError(f"a wrapped module was called without a tensor input (keywords: {sorted(kwargs)})")
+
+
+def _skipped(adapter) -> bool:
+    # looked up on the class first: a miss on an nn.Module instance goes through its slow __getattr__
+    return getattr(type(adapter), "skipped", None) is not None and adapter.skipped
 
 
 def _call(adapter, x, base_out, args, kwargs):

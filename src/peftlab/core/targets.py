@@ -3,9 +3,12 @@
 A target is a module-name suffix (``q_proj`` matches ``model.layers.3.self_attn.q_proj``),
 a regex on the full name written ``re:<regex>``, ``all-linear``: every linear layer except
 the output head (QLoRA's recipe), or a role (``ffn-out``, ``attn-out``, ``keys``, ``norms``...,
-see ``ROLES``) that names the same place in every supported architecture. ``layers`` keeps modules of some block indices only;
-``exclude`` removes names or regexes. A spec that matches nothing is an error that names the
-module names closest to what was asked for.
+see ``ROLES``) that names the same place in every supported architecture; a list may mix them
+(``targets=[all-linear,norms]``). ``all-linear`` and ``norms`` pick modules by type and mean
+those of them the method can wrap. A container the method cannot wrap (``self_attn``, the role
+``attention``) stands for the modules inside it that it can. ``layers`` keeps modules of some
+block indices only; ``exclude`` removes names or regexes. A spec that matches nothing is an
+error that names the module names closest to what was asked for.
 """
 from __future__ import annotations
 
@@ -79,11 +82,14 @@ def is_norm(module: nn.Module) -> bool:
         ("RMSNorm", "LayerNorm"))
 
 
-def expand_roles(targets: list, modules: dict) -> list:
-    """Target patterns with each role name replaced by the module names it selects."""
+def expand_roles(targets: list, modules: dict, heads: set = frozenset()) -> list:
+    """Target patterns with each role name (and ``all-linear``, which skips ``heads``) replaced by
+    the module names it selects."""
     out = []
     for pattern in targets:
-        if pattern == "norms":
+        if pattern == ALL_LINEAR:
+            out += [n for n, m in modules.items() if is_linear(m) and n not in heads]
+        elif pattern == "norms":
             out += [n for n, m in modules.items() if is_norm(m)]
         elif pattern in ROLES:
             out += [n for n in modules if any(re.fullmatch(r, n) for r in ROLES[pattern])]
@@ -97,6 +103,11 @@ def layer_index(name: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
+def block_count(modules) -> int:
+    """How many numbered blocks (``layers.0`` ... ``layers.N-1``) the module names show."""
+    return 1 + max((i for i in map(layer_index, modules) if i is not None), default=-1)
+
+
 def _matches(name: str, pattern: str) -> bool:
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], name) is not None
@@ -106,21 +117,17 @@ def _matches(name: str, pattern: str) -> bool:
 def find_targets(model: nn.Module, config, can_wrap) -> list[str]:
     """Module names the config selects, checked to be wrappable by the method."""
     modules = dict(named_base_modules(model))
-    targets = config.targets
-    if isinstance(targets, str) and targets != ALL_LINEAR:
-        targets = [targets]
-    if targets == ALL_LINEAR:
-        heads = output_head_names(model)
-        chosen = [n for n, m in modules.items() if is_linear(m) and n not in heads]
-    else:
-        expanded = expand_roles(targets, modules)
-        chosen = [n for n in modules if any(_matches(n, p) for p in expanded)]
-        # a suffix that names a container (e.g. "self_attn") is not a target; its children may be
-        chosen = [n for n in chosen if can_wrap(modules[n]) or not list(modules[n].children())]
-    if config.layers is not None:
-        chosen = [n for n in chosen if layer_index(n) in set(config.layers)]
+    targets = [config.targets] if isinstance(config.targets, str) else list(config.targets)
+    heads = output_head_names(model) if ALL_LINEAR in targets else set()
+    expanded = expand_roles(targets, modules, heads)
+    chosen = _wrappable_contents([n for n in modules if any(_matches(n, p) for p in expanded)], modules, can_wrap)
+    layers = config.block_indices(block_count(modules))
+    if layers is not None:
+        chosen = [n for n in chosen if layer_index(n) in set(layers)]
     excluded = expand_roles(config.exclude, modules)
     chosen = [n for n in chosen if not any(_matches(n, p) for p in excluded)]
+    by_type = set(expand_roles([t for t in targets if t in (ALL_LINEAR, "norms")], modules, heads))
+    chosen = [n for n in chosen if n not in by_type or can_wrap(modules[n])] or chosen  # none left: the check below says why
     if not chosen:
         raise TargetError(_nothing_matched(config, modules))
     for name in chosen:
@@ -130,6 +137,20 @@ def find_targets(model: nn.Module, config, can_wrap) -> list[str]:
                 "choose linear or embedding layers (see peftlab.summary or print(model) for names)"
             )
     return chosen
+
+
+def _wrappable_contents(names: list, modules: dict, can_wrap) -> list:
+    """``names`` with each container the method cannot wrap replaced by the outermost modules
+    inside it that it can wrap (``self_attn`` -> its projections); in model order."""
+    picked = set()
+    for name in names:
+        module = modules[name]
+        if can_wrap(module) or not list(module.children()):
+            picked.add(name)
+            continue
+        inside = [n for n in modules if n.startswith(name + ".") and can_wrap(modules[n])]
+        picked.update(n for n in inside if not any(n.startswith(outer + ".") for outer in inside))
+    return [n for n in modules if n in picked]
 
 
 def _nothing_matched(config, modules: dict) -> str:

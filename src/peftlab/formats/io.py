@@ -24,7 +24,9 @@ from ..core import adapters as core
 from ..core.state import STATE_ATTR, get_state, require_state
 from ..core.targets import named_base_modules
 from ..errors import AdapterFormatError, ConfigError, IncompatibleBaseError
-from . import hf_lora, native
+from . import hf_adalora, hf_lora, native
+from . import hf_ia3, hf_ln_tuning
+from . import hf_adaption_prompt, hf_prompt
 from .files import json_bytes, read_json, read_tensors, refuse_pickles, tensor_bytes, write_files
 
 CONFIG_NAME = "adapter_config.json"
@@ -32,8 +34,9 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
 # PEFT-format converters: each has PEFT_TYPES, writes(configs) -> bool, to_hf(model, name, config)
-# -> (config dict, tensors) and from_hf(model, hf_config, tensors, name, source) -> None.
-CONVERTERS = [hf_lora]
+# -> (config dict, tensors) and from_hf(model, hf_config, tensors, name, source) -> None, and may set
+# MODULES_PREFIX: where PEFT keeps that type's modules_to_save (prompt learning: "base_model.").
+CONVERTERS = [hf_lora, hf_adalora, hf_ia3, hf_ln_tuning, hf_prompt, hf_adaption_prompt]
 
 
 def fingerprint(model: nn.Module) -> str:
@@ -71,7 +74,7 @@ def save(model: nn.Module, out_dir, name: str = "default") -> Path:
         hf, tensors = native.to_native(model, name, configs)
     hf.setdefault("task_type", task_type(model))
     hf.setdefault("base_model_name_or_path", state.base_name)
-    tensors.update(saved_module_tensors(model, configs))
+    tensors.update(saved_module_tensors(model, configs, getattr(converter, "MODULES_PREFIX", PREFIX)))
     metadata = {
         "format": "pt",
         "peftlab": json.dumps({"version": __version__, "base_fingerprint": fingerprint(model), "base_model": state.base_name,
@@ -83,7 +86,7 @@ def save(model: nn.Module, out_dir, name: str = "default") -> Path:
     return out
 
 
-def saved_module_tensors(model: nn.Module, configs) -> dict:
+def saved_module_tensors(model: nn.Module, configs, prefix: str = PREFIX) -> dict:
     """``modules_to_save`` (a classification head trained in full), under their own paths."""
     tensors = {}
     base_modules = dict(named_base_modules(model))
@@ -92,7 +95,7 @@ def saved_module_tensors(model: nn.Module, configs) -> dict:
             for module_name, module in base_modules.items():
                 if module_name == suffix or module_name.endswith("." + suffix):
                     for pname, p in module.named_parameters():
-                        tensors[f"{PREFIX}{module_name}.{pname}"] = p
+                        tensors[f"{prefix}{module_name}.{pname}"] = p
     return tensors
 
 
@@ -166,7 +169,7 @@ def load_saved_modules(model: nn.Module, tensors: dict, adapter_dir) -> None:
     wanted = [m for configs in state.configs.values() for c in configs for m in c.modules_to_save] if state else []
     with torch.no_grad():
         for key, value in tensors.items():
-            path = key[len(PREFIX):] if key.startswith(PREFIX) else key
+            path = key[len(PREFIX):] if key.startswith(PREFIX) else key.removeprefix("base_model.")  # prompt learning
             module_name, _, pname = path.rpartition(".")
             if not any(module_name == m or module_name.endswith("." + m) for m in wanted):
                 continue

@@ -20,6 +20,8 @@ def default_param_count(method_name: str) -> int:
 
     with torch.device("meta"):
         model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M))
+        for name, spec in getattr(METHODS[method_name], "EXAMPLE_PREREQUISITES", {}).items():  # e.g. fusion's task adapters
+            attach(model, spec, name=name)
         attach(model, method_name)
     return summary(model)["adapters"]["default"]
 

@@ -220,7 +220,7 @@ def train_step(model, data, collate, order, position: int, optimizer, params: di
         optimizer.zero_grad(set_to_none=True)
         raise non_finite_error(loss, grad_norm, step + 1, cfg)
     optimizer.step()
-    core.after_step(model, step + 1, cfg.steps)  # budget schedules, proximal updates (gradients still here)
+    core.after_step(model, step + 1, cfg.steps, lr)  # budget schedules, proximal updates (gradients still here)
     optimizer.zero_grad(set_to_none=True)
     return loss, tokens
 
