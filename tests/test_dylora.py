@@ -233,7 +233,8 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(spec, tmp_path):
             if len(calls) == kill_at:
                 raise Killed
 
-        model.model.register_forward_pre_hook(kill, with_kwargs=True)  # the backbone: the trainer's blockwise loss skips the head
+        # on the backbone: the trainer's blockwise loss does not call the whole model
+        model.model.register_forward_pre_hook(kill, with_kwargs=True)
         train(model, rows, TrainConfig(lr=1e-2, steps=8, batch_size=2, warmup_steps=0, save_every=3, resume=True,
                                        out_dir=str(out_dir), progress=False, device="cpu"))
         return {**dict(model.named_parameters()), **dict(model.named_buffers())}

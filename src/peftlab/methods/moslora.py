@@ -47,7 +47,8 @@ class MosLoraLinear(FactoredUpdate, LoraLinear):
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float, rslora: bool, init: str):
         super().__init__(base, r, alpha, dropout, rslora, init)
         w = self.lora_A.weight
-        self.lora_AB = nn.Linear(r, r, bias=False, device=w.device, dtype=w.dtype)  # the mixer M, named as the authors do
+        # the mixer M, named as in the authors' code
+        self.lora_AB = nn.Linear(r, r, bias=False, device=w.device, dtype=w.dtype)
         nn.init.kaiming_uniform_(self.lora_AB.weight, a=math.sqrt(5))
 
     def factors(self):

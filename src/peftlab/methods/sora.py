@@ -13,12 +13,12 @@ optimizer step the gate is soft-thresholded,
 
 which sets entries exactly to zero. A zero gate switches its rank off (its row of ``A`` and
 column of ``B`` no longer matter), so the rank left per module (``effective_ranks``) is what
-training decided: the paper then drops the zeroed ranks, leaving a plain LoRA of that rank (merging
-gives inference at no extra cost either way). ``A``, ``B``, init (``A`` random, ``B`` zero, so the output equals the base at step 0)
-and scale ``s = alpha / r`` are LoRA's; the gate starts from a standard normal draw, as in the
-authors' code. The threshold uses the learning rate of the step, which ``peftlab.train`` passes
-to ``after_step`` (a hand-written loop passes ``lr=`` to ``peftlab.core.adapters.after_step``).
-Mergeable: the update is one low-rank product.
+training decided: the paper then drops the zeroed ranks, leaving a plain LoRA of that rank
+(merging gives inference at no extra cost either way). ``A``, ``B``, init (``A`` random, ``B``
+zero, so the output equals the base at step 0) and scale ``s = alpha / r`` are LoRA's; the gate
+starts from a standard normal draw, as in the authors' code. The threshold uses the learning
+rate of the step, which ``peftlab.train`` passes to ``after_step`` (a hand-written loop passes
+``lr=`` to ``peftlab.core.adapters.after_step``). Mergeable: the update is one low-rank product.
 """
 from __future__ import annotations
 
@@ -95,7 +95,8 @@ def make_adapter(module: nn.Module, config: SoraConfig, name: str) -> nn.Module:
 
 # ---- training hook and report ----------------------------------------------------------------
 
-def after_step(model: nn.Module, name: str, config: SoraConfig, step: int, total_steps: int, lr: float | None = None) -> None:
+def after_step(model: nn.Module, name: str, config: SoraConfig, step: int, total_steps: int,
+               lr: float | None = None) -> None:
     """The proximal step: soft-threshold every gate by ``sparse_lambda * lr``."""
     if lr is None:
         raise ConfigError("sora: the gate's proximal step needs the step's learning rate; call "
