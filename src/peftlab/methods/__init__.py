@@ -52,6 +52,7 @@ METHOD_FILES = (
     "compacter",
     "compacterpp",
     "fusion",
+    "mam",
 )
 METHODS = {m.Config.method: m for m in (importlib.import_module(f".{f}", __name__) for f in METHOD_FILES)}
 
