@@ -149,6 +149,22 @@ def test_wrapping_the_whole_ffn_block_is_the_same_parallel_adapter(ids):
     torch.testing.assert_close(logits(on_block, ids), logits(on_output, ids), rtol=1e-5, atol=1e-6)
 
 
+def test_a_parallel_adapter_around_attention_reads_the_attention_input(llama, ids):
+    peftlab.attach(llama, "parallel[targets=attention,bottleneck=4]")
+    assert adapter_positions(llama) == [f"model.layers.{i}.self_attn" for i in range(2)]
+    randomize(llama)
+    attention = llama.model.layers[0].self_attn  # layer 0: the same input with and without adapters
+    adapter = attention.adapters["default"]
+    seen = []
+    attention.register_forward_hook(lambda m, args, kwargs, out: seen.append((kwargs["hidden_states"], out[0])),
+                                    with_kwargs=True)
+    logits(llama, ids)
+    with peftlab.disabled(llama):
+        logits(llama, ids)
+    (x, adapted), (_, plain) = seen
+    torch.testing.assert_close(adapted - plain, 4.0 * adapter.up(torch.relu(adapter.down(x))), rtol=1e-4, atol=1e-5)
+
+
 def test_parallel_works_on_gpt2_and_its_hooks_go_away_with_the_adapter(ids):
     model = make_gpt2()
     base = logits(model, ids)

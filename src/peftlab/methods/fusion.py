@@ -98,7 +98,8 @@ class FusionAdapter(nn.Module):
         adapters = self.__dict__["layer"].adapters
         missing = [n for n in self.fused if n not in adapters]
         if missing:
-            raise StateError(f"fusion: the adapters it fuses, {missing}, were deleted; load them again or delete the fusion adapter")
+            raise StateError(f"fusion: the adapters it fuses, {missing}, were deleted; "
+                             "load them again or delete the fusion adapter")
         return [adapters[n] for n in self.fused if not adapters[n].skipped]
 
     @property

@@ -67,7 +67,8 @@ class ParallelAdapter(BottleneckAdapter):
         self.ffn_input = None
 
     def capture(self, module, args, kwargs) -> None:
-        self.ffn_input = _main_input(args, kwargs)
+        if not self.skipped:  # AdapterDrop: a skipped adapter keeps nothing
+            self.ffn_input = _main_input(args, kwargs)
 
     def forward(self, x, base_out):
         if self.wraps_block:
@@ -118,8 +119,9 @@ def ffn_input_module(modules: dict, module_name: str) -> nn.Module:
         for other, module in modules.items():
             if other.startswith(block) and any(re.fullmatch(pattern, other) for pattern in ROLES[role]):
                 return module
-    raise TargetError(f"parallel: found no FFN input module (roles {', '.join(FFN_INPUT_ROLES)}) in the block of '{module_name}', "
-                      "so the adapter cannot read the FFN's input; target the whole FFN block instead (targets=[...mlp])")
+    raise TargetError(f"parallel: found no FFN input module (roles {', '.join(FFN_INPUT_ROLES)}) in the block of "
+                      f"'{module_name}', so the adapter cannot read the FFN's input; target the whole FFN block instead "
+                      "(e.g. targets=mlp)")
 
 
 Config = ParallelConfig
