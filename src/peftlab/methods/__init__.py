@@ -53,12 +53,16 @@ METHOD_FILES = (
     "compacterpp",
     "fusion",
     "mam",
+    "unipelt",
 )
 METHODS = {m.Config.method: m for m in (importlib.import_module(f".{f}", __name__) for f in METHOD_FILES)}
+# Building blocks a method expands into (UniPELT's gated LoRA, adapter and prefix): found by
+# get_method, so such an adapter saves, loads and trains like any other, but not listed as methods.
+PARTS = {name: part for m in METHODS.values() for name, part in getattr(m, "PARTS", {}).items()}
 
 
 def get_method(name: str):
-    method = METHODS.get(name)
+    method = METHODS.get(name) or PARTS.get(name)
     if method is None:
         hint = difflib.get_close_matches(name, list(METHODS), n=1)
         raise ConfigError(

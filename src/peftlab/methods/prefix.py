@@ -85,15 +85,15 @@ class Prefix(Folding, KVPrefix):
         return self.final()
 
 
-def make_prefix(model: nn.Module, config, hidden: int | None) -> Prefix:
-    """A prefix for every layer of ``model``'s backbone; ``hidden`` None trains it directly."""
+def make_prefix(model: nn.Module, config, hidden: int | None, kind: type = Prefix) -> Prefix:
+    """A prefix (of class ``kind``) for every layer of ``model``'s backbone; ``hidden`` None trains it directly."""
     stack = backbone(model)
     shape = PrefixShape(backbone_config(stack, config.method))
     if "past_key_values" not in inspect.signature(stack.forward).parameters:
         raise TargetError(f"{config.method} feeds its prefix through the KV cache, but {type(stack).__name__}.forward "
                           "takes no past_key_values")
     weight = stack.get_input_embeddings().weight
-    return Prefix(stack, config.length, shape, hidden, dict(device=weight.device, dtype=weight.dtype))
+    return kind(stack, config.length, shape, hidden, dict(device=weight.device, dtype=weight.dtype))
 
 
 Config = PrefixConfig
