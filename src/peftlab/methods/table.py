@@ -26,11 +26,16 @@ def default_param_count(method_name: str) -> int:
     return summary(model)["adapters"]["default"]
 
 
+CATEGORIES = ("additive", "selective", "reparameterized", "hybrid")  # the survey's taxonomy, in its order
+
+
 def method_rows() -> list[dict]:
+    """One row per registered method, grouped by category (registry order within one)."""
+    names = sorted(METHODS, key=lambda n: CATEGORIES.index(METHODS[n].CATEGORY))
     return [
-        {"name": name, "category": m.CATEGORY, "paper": m.PAPER, "mergeable": m.MERGEABLE,
-         "params_smollm2_135m": default_param_count(name)}
-        for name, m in METHODS.items()
+        {"name": name, "category": METHODS[name].CATEGORY, "paper": METHODS[name].PAPER,
+         "mergeable": METHODS[name].MERGEABLE, "params_smollm2_135m": default_param_count(name)}
+        for name in names
     ]
 
 
