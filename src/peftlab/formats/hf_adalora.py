@@ -24,10 +24,9 @@ from ..core.state import require_state
 from ..core.targets import named_base_modules
 from ..errors import AdapterFormatError, IncompatibleBaseError
 from ..methods.adalora import AdaLoraConfig
-from .hf_lora import _target_names
+from .hf_common import PREFIX, target_names
 
 PEFT_TYPES = ("ADALORA",)
-PREFIX = "base_model.model."
 SUFFIXES = ("lora_A", "lora_E", "lora_B", "ranknum")
 
 
@@ -63,16 +62,13 @@ def to_hf(model: nn.Module, name: str, config: AdaLoraConfig) -> tuple[dict, dic
         "orth_reg_weight": config.orth_reg_weight,
         "total_step": config.init_warmup + config.final_warmup + 1,
         "rank_pattern": pattern if pruned else None,
-        "target_modules": _target_names(list(modules), dict(named_base_modules(model))),
+        "target_modules": target_names(list(modules), dict(named_base_modules(model))),
         "fan_in_fan_out": any(type(m).__name__ == "Conv1D" for m in modules.values()),
         "modules_to_save": list(config.modules_to_save) or None,
         "bias": "none",
         "init_lora_weights": True,
         "use_rslora": False,
         "use_dora": False,
-        "inference_mode": True,
-        "peft_version": "0.21.2",
-        "revision": None,
         "layers_to_transform": None,
         "layers_pattern": None,
         "exclude_modules": None,

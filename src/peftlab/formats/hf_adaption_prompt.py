@@ -16,9 +16,9 @@ from ..core.targets import named_base_modules
 from ..errors import AdapterFormatError, IncompatibleBaseError
 from ..methods.llama_adapter import LlamaAdapterConfig
 from . import native
+from .hf_common import PREFIX
 
 PEFT_TYPES = ("ADAPTION_PROMPT",)
-PREFIX = "base_model.model."
 TENSORS = ("adaption_prompt", "adaption_gate")
 
 
@@ -45,10 +45,7 @@ def to_hf(model: nn.Module, name: str, config: LlamaAdapterConfig) -> tuple[dict
         "adapter_len": config.length,
         "adapter_layers": len(adapted),
         "target_modules": leaves.pop(),
-        "inference_mode": True,
         "auto_mapping": None,
-        "revision": None,
-        "peft_version": "0.21.2",
     }
     return hf, tensors
 

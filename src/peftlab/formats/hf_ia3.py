@@ -21,10 +21,9 @@ from ..core.targets import is_linear, named_base_modules
 from ..errors import AdapterFormatError, IncompatibleBaseError
 from ..methods.ia3 import IA3Config
 from ..methods.lora import base_weight
-from .hf_lora import _target_names
+from .hf_common import PREFIX, target_names
 
 PEFT_TYPES = ("IA3",)
-PREFIX = "base_model.model."
 KEY = "ia3_l"
 
 
@@ -56,9 +55,6 @@ def to_hf(model: nn.Module, name: str, config: IA3Config) -> tuple[dict, dict]:
         "fan_in_fan_out": conv1d,
         "init_ia3_weights": True,
         "modules_to_save": list(config.modules_to_save) or None,
-        "inference_mode": True,
-        "peft_version": "0.21.2",
-        "revision": None,
         "auto_mapping": None,
     }
     return hf, tensors
@@ -67,7 +63,7 @@ def to_hf(model: nn.Module, name: str, config: IA3Config) -> tuple[dict, dict]:
 def hf_names(model: nn.Module, wrapped: list, feedforward: list) -> tuple[list, list]:
     """``target_modules`` and ``feedforward_modules``: short suffixes (``down_proj``) where PEFT's
     matching of them selects exactly these modules, full module names otherwise."""
-    targets = _target_names(wrapped, dict(named_base_modules(model)))
+    targets = target_names(wrapped, dict(named_base_modules(model)))
     leaves = sorted({m.split(".")[-1] for m in feedforward})
     if targets != sorted(wrapped) and {w for w in wrapped if peft_feedforward(leaves, w)} == set(feedforward):
         return targets, leaves

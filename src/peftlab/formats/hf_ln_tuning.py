@@ -16,10 +16,9 @@ from ..core.state import require_state
 from ..core.targets import named_base_modules
 from ..errors import AdapterFormatError, IncompatibleBaseError
 from ..methods.ln_tuning import LnTuningConfig
-from .hf_lora import _target_names
+from .hf_common import PREFIX, target_names
 
 PEFT_TYPES = ("LN_TUNING",)
-PREFIX = "base_model.model."
 KEY = "ln_tuning_layers"
 
 
@@ -40,12 +39,9 @@ def to_hf(model: nn.Module, name: str, config: LnTuningConfig) -> tuple[dict, di
     hf = {
         "peft_type": "LN_TUNING",
         "base_model_name_or_path": state.base_name,
-        "target_modules": _target_names(wrapped, dict(named_base_modules(model))),
+        "target_modules": target_names(wrapped, dict(named_base_modules(model))),
         "exclude_modules": None,
         "modules_to_save": list(config.modules_to_save) or None,
-        "inference_mode": True,
-        "peft_version": "0.21.2",
-        "revision": None,
         "auto_mapping": None,
     }
     return hf, tensors

@@ -19,9 +19,9 @@ from ..core.targets import named_base_modules
 from ..errors import AdapterFormatError, IncompatibleBaseError
 from ..methods.dora import DoraConfig
 from ..methods.lora import LoraConfig
+from .hf_common import PREFIX, target_names
 
 PEFT_TYPES = ("LORA",)
-PREFIX = "base_model.model."
 ADAPTER_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B")
 
 
@@ -52,28 +52,17 @@ def to_hf(model: nn.Module, name: str, config: LoraConfig) -> tuple[dict, dict]:
         "use_rslora": config.rslora,
         "use_dora": isinstance(config, DoraConfig),
         "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
-        "target_modules": _target_names(list(modules), base_modules),
+        "target_modules": target_names(list(modules), base_modules),
         "rank_pattern": {re.escape(m): v for m, v in ranks.items() if v != r},
         "alpha_pattern": {re.escape(m): v for m, v in alphas.items() if v != alpha},
         "fan_in_fan_out": any(type(m).__name__ == "Conv1D" for m in modules.values()),
         "modules_to_save": list(config.modules_to_save) or None,
         "bias": "none",
-        "inference_mode": True,
-        "peft_version": "0.21.2",
-        "revision": None,
         "layers_to_transform": None,
         "layers_pattern": None,
         "exclude_modules": None,
     }
     return hf, tensors
-
-
-def _target_names(wrapped: list, base_modules: dict) -> list:
-    """Short suffixes (``q_proj``) when they select exactly the wrapped modules, as vLLM and
-    PEFT users expect; full module names otherwise."""
-    leaves = sorted({m.split(".")[-1] for m in wrapped})
-    selected = {n for n in base_modules if n.split(".")[-1] in leaves}
-    return leaves if selected == set(wrapped) else sorted(wrapped)
 
 
 # ---- load ------------------------------------------------------------------------------------

@@ -57,10 +57,7 @@ def to_hf(model: nn.Module, name: str, config) -> tuple[dict, dict]:
         "num_attention_heads": getattr(model_config, "num_attention_heads", None),
         "num_layers": getattr(model_config, "num_hidden_layers", None),
         "modules_to_save": list(config.modules_to_save) or None,
-        "inference_mode": True,
         "auto_mapping": None,
-        "revision": None,
-        "peft_version": "0.21.2",
     }
     hf.update(_method_settings(config, module, tokens))
     return hf, {SAVED_KEY: tokens}

@@ -27,11 +27,11 @@ from ..errors import AdapterFormatError, ConfigError, IncompatibleBaseError
 from . import hf_adalora, hf_lora, native
 from . import hf_ia3, hf_ln_tuning
 from . import hf_adaption_prompt, hf_prompt
+from .hf_common import COMMON_FIELDS, PREFIX
 from .files import json_bytes, read_json, read_tensors, refuse_pickles, tensor_bytes, write_files
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."
 
 # PEFT-format converters: each has PEFT_TYPES, writes(configs) -> bool, to_hf(model, name, config)
 # -> (config dict, tensors) and from_hf(model, hf_config, tensors, name, source) -> None, and may set
@@ -70,6 +70,7 @@ def save(model: nn.Module, out_dir, name: str = "default") -> Path:
     converter = next((c for c in CONVERTERS if c.writes(configs)), None)
     if converter is not None:
         hf, tensors = converter.to_hf(model, name, configs[0])
+        hf.update(COMMON_FIELDS)
     else:
         hf, tensors = native.to_native(model, name, configs)
     hf.setdefault("task_type", task_type(model))

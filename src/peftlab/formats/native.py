@@ -23,9 +23,9 @@ from .. import __version__
 from ..core import adapters as core
 from ..core import model_adapters
 from ..errors import AdapterFormatError, IncompatibleBaseError
+from .hf_common import PREFIX
 
 PEFT_TYPE = "PEFTLAB"
-PREFIX = "base_model.model."
 MODEL_PREFIX = f"{PREFIX}{model_adapters.STORE}."
 
 
