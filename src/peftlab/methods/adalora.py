@@ -40,7 +40,7 @@ from ..core.config import MethodConfig
 from ..core.state import require_state
 from ..core.targets import is_linear
 from ..errors import ConfigError
-from .lora import base_weight, set_base_weight
+from .lora import MergesDelta, base_weight
 
 CATEGORY = "reparameterized"
 PAPER = "Zhang et al., 2023 (arXiv:2303.10512)"
@@ -130,7 +130,7 @@ def keep_top(scores: list, budget: int) -> list:
 
 # ---- module ----------------------------------------------------------------------------------
 
-class AdaLoraLinear(nn.Module):
+class AdaLoraLinear(MergesDelta, nn.Module):
     """Returns ``alpha / r * P diag(lambda) Q dropout(x)`` for ``nn.Linear`` and ``Conv1D``; holds
     the triplet mask and the importance averages (buffers, so checkpoints resume them exactly)."""
 
@@ -161,14 +161,6 @@ class AdaLoraLinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         return delta_weight(self.lora_A, self.lora_E, self.lora_B, self.scale())
 
-    def merge(self, base: nn.Module) -> None:
-        set_base_weight(base, base_weight(base) + self.delta_weight())
-
-    def unmerge(self, base: nn.Module) -> None:
-        set_base_weight(base, base_weight(base) - self.delta_weight())
-
-    def detach_from(self, base: nn.Module) -> None:
-        pass
 
     # importance and masking (called by the after_step hook, without gradients)
 

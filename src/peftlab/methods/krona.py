@@ -26,7 +26,7 @@ from torch import nn
 from ..core.config import MethodConfig
 from ..core.targets import is_linear
 from ..errors import ConfigError
-from .lora import base_weight, set_base_weight
+from .lora import MergesDelta, base_weight
 
 CATEGORY = "reparameterized"
 PAPER = "Edalati et al., 2022 (arXiv:2212.10650)"
@@ -83,7 +83,7 @@ def b_shape(weight_shape, a_shape, module_name: str) -> tuple[int, int]:
 
 # ---- module ----------------------------------------------------------------------------------
 
-class KronaLinear(nn.Module):
+class KronaLinear(MergesDelta, nn.Module):
     """Returns ``s (A kron B) x`` for ``nn.Linear`` and ``Conv1D``."""
 
     def __init__(self, base: nn.Module, a_shape, scale: float, module_name: str):
@@ -102,14 +102,6 @@ class KronaLinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         return delta_weight(self.krona_A, self.krona_B, self.scale)
 
-    def merge(self, base: nn.Module) -> None:
-        set_base_weight(base, base_weight(base) + self.delta_weight())
-
-    def unmerge(self, base: nn.Module) -> None:
-        set_base_weight(base, base_weight(base) - self.delta_weight())
-
-    def detach_from(self, base: nn.Module) -> None:
-        pass
 
 
 Config = KronaConfig

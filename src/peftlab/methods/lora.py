@@ -149,7 +149,21 @@ class _FusedLoraLinear(torch.autograd.Function):
 
 # ---- modules ---------------------------------------------------------------------------------
 
-class LoraLinear(nn.Module):
+class MergesDelta:
+    """merge / unmerge for an adapter whose whole effect is a weight update ``delta_weight()``
+    (out x in): LoRA and every variant whose update is a weight (AdaLoRA, KronA, DyLoRA, ...)."""
+
+    def merge(self, base: nn.Module) -> None:
+        set_base_weight(base, base_weight(base) + self.delta_weight())
+
+    def unmerge(self, base: nn.Module) -> None:
+        set_base_weight(base, base_weight(base) - self.delta_weight())
+
+    def detach_from(self, base: nn.Module) -> None:
+        """Nothing to give back: the adapter never changed the base."""
+
+
+class LoraLinear(MergesDelta, nn.Module):
     """LoRA for ``nn.Linear`` and ``Conv1D``: returns ``s * B A dropout(x)``."""
 
     alters_base = False  # True for PiSSA, whose init moves part of W into the adapter
@@ -195,12 +209,6 @@ class LoraLinear(nn.Module):
     # PiSSA only: the base holds W - s B0 A0, so rows not using this adapter add s B0 A0 back.
     def inactive_delta(self, x):
         return F.linear(F.linear(x, self.pissa_A0) * self.scaling, self.pissa_B0)
-
-    def merge(self, base: nn.Module) -> None:
-        set_base_weight(base, base_weight(base) + self.delta_weight())
-
-    def unmerge(self, base: nn.Module) -> None:
-        set_base_weight(base, base_weight(base) - self.delta_weight())
 
     def detach_from(self, base: nn.Module) -> None:
         """Called when the adapter is removed unmerged: give the base back what PiSSA took."""

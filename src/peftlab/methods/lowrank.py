@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .lora import LoraConfig, _FusedLoraLinear, base_weight, delta_weight, set_base_weight
+from .lora import LoraConfig, MergesDelta, _FusedLoraLinear, delta_weight
 
 
-class FactoredUpdate:
+class FactoredUpdate(MergesDelta):
     """Mixin for an adapter module with ``dropout`` and ``factors() -> (A', B', scale)``."""
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -38,14 +38,6 @@ class FactoredUpdate:
         A, B, scale = self.factors()
         return delta_weight(A, B, scale)
 
-    def merge(self, base: nn.Module) -> None:
-        set_base_weight(base, base_weight(base) + self.delta_weight())
-
-    def unmerge(self, base: nn.Module) -> None:
-        set_base_weight(base, base_weight(base) - self.delta_weight())
-
-    def detach_from(self, base: nn.Module) -> None:
-        pass
 
 
 def reject_pissa(config: LoraConfig) -> None:
