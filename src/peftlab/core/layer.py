@@ -3,7 +3,7 @@
 ``AdapterLayer`` replaces a module (a Linear, an Embedding, a norm, a whole attention or MLP
 block) in its parent, keeps the original as ``base_layer`` and holds any number of named
 adapters. An adapter is a small ``nn.Module`` whose ``forward(x, base_out)`` returns what to add
-to the base output (see the note above ``_main_input``). The active-adapter loop, disabling,
+to the base output (see the note above ``main_input``). The active-adapter loop, disabling,
 routing and merge bookkeeping live here once, not in each method.
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ class AdapterLayer(nn.Module):
     def forward(self, *args, **kwargs):
         state = self._state
         adapters = self.adapters
-        x = _main_input(args, kwargs)
+        x = main_input(args, kwargs)
         if state.disabled:
             if any(n in adapters for n in state.merged):
                 raise StateError(f"adapters {state.merged} are merged into the weights; peftlab.unmerge them before disabling")
@@ -113,7 +113,7 @@ class AdapterLayer(nn.Module):
 MAIN_INPUT_NAMES = ("hidden_states", "input", "x", "input_ids", "inputs_embeds")
 
 
-def _main_input(args, kwargs):
+def main_input(args, kwargs):
     if args:
         return args[0]
     for key in MAIN_INPUT_NAMES:

@@ -108,7 +108,7 @@ def block_count(modules) -> int:
     return 1 + max((i for i in map(layer_index, modules) if i is not None), default=-1)
 
 
-def _matches(name: str, pattern: str) -> bool:
+def matches(name: str, pattern: str) -> bool:
     if pattern.startswith("re:"):
         return re.fullmatch(pattern[3:], name) is not None
     return name == pattern or name.endswith("." + pattern)
@@ -120,12 +120,12 @@ def find_targets(model: nn.Module, config, can_wrap) -> list[str]:
     targets = [config.targets] if isinstance(config.targets, str) else list(config.targets)
     heads = output_head_names(model) if ALL_LINEAR in targets else set()
     expanded = expand_roles(targets, modules, heads)
-    chosen = _wrappable_contents([n for n in modules if any(_matches(n, p) for p in expanded)], modules, can_wrap)
+    chosen = _wrappable_contents([n for n in modules if any(matches(n, p) for p in expanded)], modules, can_wrap)
     layers = config.block_indices(block_count(modules))
     if layers is not None:
         chosen = [n for n in chosen if layer_index(n) in set(layers)]
     excluded = expand_roles(config.exclude, modules)
-    chosen = [n for n in chosen if not any(_matches(n, p) for p in excluded)]
+    chosen = [n for n in chosen if not any(matches(n, p) for p in excluded)]
     by_type = set(expand_roles([t for t in targets if t in (ALL_LINEAR, "norms")], modules, heads))
     chosen = [n for n in chosen if n not in by_type or can_wrap(modules[n])] or chosen  # none left: the check below says why
     if not chosen:

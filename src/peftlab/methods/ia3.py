@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import MethodConfig
-from ..core.targets import _matches, expand_roles, is_linear
+from ..core.targets import expand_roles, is_linear, matches
 from ..errors import ConfigError
 from .bitfit import feature_dtype
 from .lora import base_weight, set_base_weight
@@ -60,7 +60,7 @@ class IA3Config(MethodConfig):
                               f"e.g. [ffn-out] or [down_proj]; got {self.feedforward!r}")
 
     def is_feedforward(self, module_name: str, module: nn.Module) -> bool:
-        return any(_matches(module_name, p) for p in expand_roles(self.feedforward, {module_name: module}))
+        return any(matches(module_name, p) for p in expand_roles(self.feedforward, {module_name: module}))
 
 
 # ---- module ----------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from ..core.layer import _main_input
+from ..core.layer import main_input
 from ..core.targets import ROLES, is_linear, named_base_modules
 from ..errors import ConfigError, StateError, TargetError
 from . import bottleneck
@@ -68,7 +68,7 @@ class ParallelAdapter(BottleneckAdapter):
 
     def capture(self, module, args, kwargs) -> None:
         if not self.skipped:  # AdapterDrop: a skipped adapter keeps nothing
-            self.ffn_input = _main_input(args, kwargs)
+            self.ffn_input = main_input(args, kwargs)
 
     def forward(self, x, base_out):
         if self.wraps_block:
