@@ -112,3 +112,15 @@ def test_bias_and_weight_gradients_match_autograd():
     torch.testing.assert_close(ours, theirs)
     for a, b in zip(grads, expected):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_a_wrapped_model_uses_its_own_loss():
+    import warnings
+
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        wrapped = peft.get_peft_model(make_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert plain_head(wrapped) is None  # its base_model returns logits, not hidden states
+    torch.testing.assert_close(training_loss(wrapped, _batch()), wrapped(**_batch()).loss)

@@ -94,9 +94,11 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
 
 def plain_head(model: nn.Module) -> nn.Linear | None:
     """The model's output head when its logits are exactly ``head(last hidden state)``, else None."""
+    from transformers import PreTrainedModel
+
     config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) not in PLAIN_HEAD_TYPES:
-        return None
+    if not isinstance(model, PreTrainedModel) or getattr(config, "model_type", None) not in PLAIN_HEAD_TYPES:
+        return None  # a wrapper (e.g. peft's PeftModel) may not return hidden states from base_model
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     base = getattr(model, "base_model", None)
