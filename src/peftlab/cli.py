@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     methods.add_argument("--json", action="store_true", help="print JSON instead of a table")
     methods.add_argument("--markdown", action="store_true", help="print the README's Markdown table")
     methods.set_defaults(func=cmd_methods)
+
+    from .bench import add_parser as add_bench_parser
+    add_bench_parser(commands)
     return parser
 
 
@@ -275,6 +278,7 @@ def cmd_train(args) -> int:
     import torch
 
     import peftlab
+    from .core.adapters import build_configs, train_new_head
     from .models import load_model
     from .train import TrainConfig, train
 
@@ -316,7 +320,9 @@ def cmd_train(args) -> int:
         say(f"held-out {shown} before: {before[metric]:.3f} ({before['n']} rows, {before['seconds']:.1f} s)")
 
     torch.manual_seed(o["seed"])  # the adapter's random init
-    configs = adapter_configs(o["method"], model, classify)
+    configs = build_configs(o["method"])
+    if classify:
+        train_new_head(configs, model)
     peftlab.attach(model, configs)
     counts = peftlab.summary(model)
     say(f"adapter: {counts['trainable']:,} trainable parameters ({counts['trainable_percent']:.2f}% of {counts['total']:,})")
@@ -413,18 +419,6 @@ def build_data(o, model, tokenizer, train_rows, eval_rows, label2id):
                         response_key=o["response_key"], batch_size=o["eval_batch_size"],
                         max_new_tokens=o["max_new_tokens"], keep=len(eval_rows))
     return data, evaluate_fn, "exact_match"
-
-
-def adapter_configs(method, model, classify: bool):
-    """Method configs from the spec; a classifier's new head trains in full unless the spec says otherwise."""
-    from .core.adapters import build_configs
-
-    configs = build_configs(method)
-    if classify and not any(c.modules_to_save for c in configs):
-        head = next((name for name in ("classifier", "score") if hasattr(model, name)), None)
-        if head is not None:
-            configs[0].modules_to_save = [head]
-    return configs
 
 
 def write_prompt_file(adapter_dir: Path, system, tokenizer) -> None:

@@ -47,6 +47,16 @@ def build_configs(spec) -> list[MethodConfig]:
     return out
 
 
+def train_new_head(configs: list, model: nn.Module) -> list:
+    """A classifier's new head (``classifier`` / ``score``) trains in full alongside the adapter,
+    unless a config already names what to train in full."""
+    if not any(c.modules_to_save for c in configs):
+        head = next((name for name in ("classifier", "score") if hasattr(model, name)), None)
+        if head is not None:
+            configs[0].modules_to_save = [head]
+    return configs
+
+
 def attach(model: nn.Module, spec, name: str = "default") -> nn.Module:
     """Add adapter ``name`` to ``model`` (in place) and freeze everything else; returns the model.
 

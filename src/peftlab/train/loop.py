@@ -31,7 +31,7 @@ from .config import TRAJECTORY_KEYS, TrainConfig, TrainResult
 from .loss import training_loss
 
 
-def train(model: torch.nn.Module, data, cfg: TrainConfig | None = None, eval_fn=None) -> TrainResult:
+def train(model: torch.nn.Module, data, cfg: TrainConfig | None = None, eval_fn=None, on_step=None) -> TrainResult:
     """Train the trainable parameters of ``model`` on ``data``; return a ``TrainResult``.
 
     ``model(**batch)`` must return an object with ``.loss`` (Hugging Face models do when the batch
@@ -39,6 +39,9 @@ def train(model: torch.nn.Module, data, cfg: TrainConfig | None = None, eval_fn=
     (``cfg.chunked_loss``, see ``loss.py``). ``data`` is a map-style dataset; its
     ``collate(list_of_examples)`` makes a batch if it has one. ``eval_fn(model) -> dict`` runs every ``cfg.eval_every`` steps and at the end,
     in eval mode without gradients, and never disturbs the training random streams.
+    ``on_step(step)`` runs after each optimizer step (``step`` counts from 1), gradients still
+    there: for a model that needs its own per-step call, such as HF PEFT's AdaLoRA
+    (``update_and_allocate``); peftlab's methods use their own hooks (``core/adapters.py``).
     """
     cfg = cfg or TrainConfig()
     if len(data) == 0:
@@ -63,7 +66,7 @@ def train(model: torch.nn.Module, data, cfg: TrainConfig | None = None, eval_fn=
             started = time.perf_counter()
             lr = lr_at(step, cfg)
             loss, tokens = train_step(model, data, collate, order, run.position, optimizer, params, lr, step, cfg,
-                                      device)
+                                      device, on_step)
             run.record(loss, lr, tokens, time.perf_counter() - started, cfg)
             if run.steps % cfg.log_every == 0 or run.steps == cfg.steps:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{run.session_tokens_per_second():.0f}")
@@ -209,7 +212,7 @@ def due(step: int, every: int, last: int) -> bool:
 
 
 def train_step(model, data, collate, order, position: int, optimizer, params: dict, lr: float, step: int,
-               cfg: TrainConfig, device) -> tuple[float, int]:
+               cfg: TrainConfig, device, on_step=None) -> tuple[float, int]:
     """One optimizer step; return (mean loss, tokens). A non-finite loss or gradient raises
     before ``optimizer.step()``, so the weights and optimizer state stay those of the last good step."""
     for group in optimizer.param_groups:
@@ -221,6 +224,8 @@ def train_step(model, data, collate, order, position: int, optimizer, params: di
         raise non_finite_error(loss, grad_norm, step + 1, cfg)
     optimizer.step()
     core.after_step(model, step + 1, cfg.steps, lr)  # budget schedules, proximal updates (gradients still here)
+    if on_step is not None:
+        on_step(step + 1)
     optimizer.zero_grad(set_to_none=True)
     return loss, tokens
 

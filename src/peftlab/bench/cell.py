@@ -1,0 +1,255 @@
+"""One benchmark cell: train one method on one task with one seed, and measure it.
+
+Run in a process of its own (``python -m peftlab.bench.cell`` reads the cell as JSON on stdin and
+prints the result as one JSON line), so its peak memory is its own. The result holds the task
+metric, trainable parameters (count and percentage), adapter file size, peak resident memory,
+training time and tokens/s, the loss curve, whether training diverged, and the inference latency
+of the base model, the adapted model and (where the method merges) the merged model.
+"""
+from __future__ import annotations
+
+import json
+import math
+import resource
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..errors import TrainingError
+from .grid import FULL, HF, learning_rate
+from .tasks import Task, classification_metric, final_number
+
+LATENCY_ROWS = 32
+LATENCY_REPEATS = 5
+
+
+def run_cell(cell: dict) -> dict:
+    import peftlab
+    from ..core.adapters import build_configs, train_new_head
+    from ..models import load_model
+    from ..train import TrainConfig, train
+
+    task, method, seed = Task(**cell["task"]), cell["method"], cell["seed"]
+    classify = task.kind == "classification"
+    started = time.perf_counter()
+    train_rows, eval_rows = task.rows(seed)
+    label2id = None
+    if classify:
+        from ..train.data import infer_label2id
+        label2id = infer_label2id(row[task.label_key] for row in train_rows + eval_rows)
+    torch.manual_seed(seed)
+    model, tokenizer = load_model(task.model, task="sequence-classification" if classify else "causal-lm",
+                                  num_labels=len(label2id or {0: 0, 1: 1}), device="cpu")
+    data, held_out = datasets(task, tokenizer, train_rows, eval_rows, label2id)
+    total = sum(p.numel() for p in model.parameters())
+
+    torch.manual_seed(seed)  # the adapter's random init
+    if method == FULL:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif method.startswith(HF):
+        model = hf_twin(model, method.removeprefix(HF), task)
+    else:
+        peftlab.attach(model, train_new_head(build_configs(method), model) if classify else method)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    steps = task.total_steps
+    config = TrainConfig(lr=learning_rate(method, task), steps=steps, batch_size=task.batch_size,
+                         warmup_steps=max(1, steps // 10), schedule="linear", seed=seed, progress=False, device="cpu")
+    result = {"key": cell["key"], "task": task.name, "method": method, "seed": seed, "lr": config.lr, "steps": steps,
+              "trainable_params": trainable, "total_params": total, "trainable_percent": 100.0 * trainable / total}
+    try:
+        run = train(model, data, config, on_step=twin_step(model, method))
+        result.update(diverged=False, losses=[round(x, 5) for x in run.losses], train_seconds=round(run.train_seconds, 2),
+                      tokens_per_second=round(run.tokens_per_second, 1))
+    except TrainingError as error:  # a NaN or infinite loss: the run diverged
+        result.update(diverged=True, error=str(error), metric=None)
+        result["peak_rss_mb"] = peak_rss_mb()
+        return result
+    result["metric_name"] = task.metric
+    result["metric"] = evaluate(model, tokenizer, task, held_out, eval_rows)
+    result["latency"] = latency(model, method, held_out, task)
+    result["adapter_bytes"] = adapter_bytes(model, method)
+    result["peak_rss_mb"] = peak_rss_mb()
+    result["cell_seconds"] = round(time.perf_counter() - started, 2)
+    return result
+
+
+def datasets(task: Task, tokenizer, train_rows, eval_rows, label2id):
+    from ..train import CausalLMData, ClassificationData
+
+    if task.kind == "classification":
+        def build(rows):
+            return ClassificationData(tokenizer, rows, text_key=task.text_key, label_key=task.label_key,
+                                      max_length=task.max_length, label2id=label2id)
+    else:
+        def build(rows):
+            return CausalLMData(tokenizer, rows, prompt_key=task.prompt_key, response_key=task.response_key,
+                                system=task.system, max_length=task.max_length)
+    return build(train_rows), build(eval_rows)
+
+
+# ---- HF PEFT twins ---------------------------------------------------------------------------
+
+def hf_twin(model, method: str, task: Task):
+    """HF PEFT's version of ``method`` with peftlab's default settings and the same target modules."""
+    import peft
+
+    from ..core.adapters import build_configs
+    from ..core.targets import find_targets
+    from ..methods import get_method
+
+    config = build_configs(method)[0]
+    kind = get_method(method)
+    task_type = "SEQ_CLS" if task.kind == "classification" else "CAUSAL_LM"
+    modules = find_targets(model, config, kind.can_wrap) if hasattr(kind, "can_wrap") else None
+    if method in ("lora", "dora"):
+        twin = peft.LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=modules,
+                               use_dora=method == "dora", use_rslora=config.rslora, task_type=task_type)
+    elif method == "ia3":
+        feedforward = [m for m in modules if config.is_feedforward(m, model.get_submodule(m))]
+        twin = peft.IA3Config(target_modules=modules, feedforward_modules=feedforward, task_type=task_type)
+    elif method == "adalora":
+        twin = peft.AdaLoraConfig(init_r=config.r, target_r=config.target_r, lora_alpha=config.alpha,
+                                  lora_dropout=config.dropout, tinit=config.init_warmup, tfinal=config.final_warmup,
+                                  deltaT=config.delta_t, beta1=config.beta1, beta2=config.beta2,
+                                  orth_reg_weight=config.orth_reg_weight, total_step=task.total_steps,
+                                  target_modules=modules, task_type=task_type)
+    elif method == "ln_tuning":
+        twin = peft.LNTuningConfig(target_modules=modules, task_type=task_type)
+    elif method == "prompt":
+        twin = peft.PromptTuningConfig(num_virtual_tokens=config.length, task_type=task_type)
+    elif method == "prefix":
+        twin = peft.PrefixTuningConfig(num_virtual_tokens=config.length, prefix_projection=config.reparam,
+                                       encoder_hidden_size=config.hidden, task_type=task_type)
+    elif method == "ptuning":
+        twin = peft.PromptEncoderConfig(num_virtual_tokens=config.length, encoder_hidden_size=config.hidden or
+                                        model.config.hidden_size, encoder_num_layers=config.encoder_layers,
+                                        task_type=task_type)
+    else:
+        raise ValueError(f"no HF PEFT twin for {method}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peft.get_peft_model(model, twin)
+
+
+def twin_step(model, method: str):
+    """HF PEFT's AdaLoRA reallocates its budget when its trainer calls ``update_and_allocate``."""
+    if method != HF + "adalora":
+        return None
+    return lambda step: model.base_model.update_and_allocate(step)
+
+
+# ---- measurements ----------------------------------------------------------------------------
+
+def evaluate(model, tokenizer, task: Task, held_out, eval_rows) -> float:
+    model.eval()
+    with torch.inference_mode():
+        if task.kind == "classification":
+            predictions, labels = [], []
+            order = sorted(range(len(held_out)), key=lambda i: len(held_out[i]["input_ids"]))  # less padding
+            for first in range(0, len(order), 64):
+                batch = held_out.collate([held_out[i] for i in order[first:first + 64]])
+                labels += batch.pop("labels").tolist()
+                predictions += model(**batch).logits.argmax(-1).tolist()
+            return classification_metric(task.metric, predictions, labels)
+        if task.metric == "perplexity":
+            losses, counts = 0.0, 0
+            for first in range(0, len(held_out), 8):
+                batch = held_out.collate([held_out[i] for i in range(first, min(first + 8, len(held_out)))])
+                tokens = int((batch["labels"][:, 1:] != -100).sum())
+                losses += float(model(**batch).loss) * tokens
+                counts += tokens
+            return math.exp(losses / max(counts, 1))
+    from ..tasks.generation import evaluate as generation_eval, generate
+
+    if task.metric == "exact_match":
+        return generation_eval(model, tokenizer, eval_rows, system=task.system, prompt_key=task.prompt_key,
+                               response_key=task.response_key, max_new_tokens=task.max_new_tokens)["exact_match"]
+    outputs = generate(model, tokenizer, [r[task.prompt_key] for r in eval_rows], system=task.system,
+                       max_new_tokens=task.max_new_tokens or 256)
+    hits = [final_number(o) is not None and final_number(o) == final_number(str(r[task.response_key]))
+            for o, r in zip(outputs, eval_rows)]
+    return sum(hits) / len(hits)
+
+
+def latency(model, method: str, held_out, task: Task) -> dict:
+    """Median seconds of a forward pass over the first evaluation rows: the base model, the
+    adapted one, and the merged one where the method merges."""
+    import peftlab
+
+    batch = held_out.collate([held_out[i] for i in range(min(LATENCY_ROWS, len(held_out)))])
+    batch.pop("labels", None)
+
+    def timed(forward=model) -> float:
+        times = []
+        with torch.inference_mode():
+            for _ in range(LATENCY_REPEATS + 1):
+                start = time.perf_counter()
+                forward(**batch)
+                times.append(time.perf_counter() - start)
+        return statistics.median(times[1:])
+
+    model.eval()
+    adapted = timed()
+    if method == FULL:
+        return {"base": adapted, "adapted": adapted, "merged": adapted}
+    if method.startswith(HF):
+        base = timed(model.get_base_model())  # peft's disable_adapter() fails on classifiers with prompts
+        merged = None
+        if hasattr(model.base_model, "merge_adapter") and not model.peft_config["default"].is_prompt_learning:
+            model.base_model.merge_adapter()
+            merged = timed()
+            model.base_model.unmerge_adapter()
+        return {"base": base, "adapted": adapted, "merged": merged}
+    with peftlab.disabled(model):
+        base = timed()
+    merged = None
+    try:
+        peftlab.merge(model)
+    except peftlab.StateError:
+        pass  # the method does not merge
+    else:
+        merged = timed()
+        peftlab.unmerge(model)
+    return {"base": base, "adapted": adapted, "merged": merged}
+
+
+def adapter_bytes(model, method: str) -> int:
+    """Bytes on disk of what the method saves (the whole model for full fine-tuning)."""
+    import peftlab
+
+    if method == FULL:
+        return sum(p.numel() * p.element_size() for p in model.parameters())
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if method.startswith(HF):
+            model.save_pretrained(folder)
+        else:
+            peftlab.save(model, folder)
+        return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+
+
+def peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def main() -> None:
+    torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 else torch.get_num_threads())
+    cell = json.loads(sys.stdin.read())
+    try:
+        result = run_cell(cell)
+    except Exception as error:  # reported as a failed cell, so the grid goes on
+        result = {"key": cell["key"], "task": cell["task"]["name"], "method": cell["method"], "seed": cell["seed"],
+                  "failed": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc(limit=8)}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

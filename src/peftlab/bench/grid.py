@@ -1,0 +1,79 @@
+"""What the benchmark runs: methods, their HF PEFT twins, presets, and the cells of a grid.
+
+A cell is one (task, method, seed) run. Methods are:
+
+- ``full``: full fine-tuning, every parameter trains (the reference);
+- every registered peftlab method at its defaults, trained at its ``DEFAULT_LR`` (prompt methods
+  want rates 10-100x LoRA's);
+- ``hf:<method>``: HF PEFT's implementation of a method peftlab shares with it, built with the
+  same settings and targets as peftlab's (the twin), trained by the same loop on the same data,
+  seeds and step budget.
+
+Methods that cannot run from defaults alone are left out of the grid, with the reason, e.g.
+AdapterFusion (it fuses adapters that must be trained first).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+from ..methods import METHODS
+from .tasks import TASKS, Task
+
+FULL = "full"
+HF = "hf:"
+FULL_LR = {"classification": 5e-5, "causal-lm": 2e-5}  # full fine-tuning's usual rates for these model sizes
+FALLBACK_LR = 1e-3  # a method file without DEFAULT_LR (the LoRA family: 1e-3 is the common choice)
+TWINS = ("lora", "dora", "ia3", "prompt", "prefix", "ptuning", "adalora", "ln_tuning")
+SKIPPED = {"fusion": "fuses adapters that must be trained first; benchmark it from trained adapters"}
+CHOICES = ("quick", "full")
+
+
+def method_names(twins: bool = True) -> list:
+    """Every method of a grid: full fine-tuning, each registered method, and the HF PEFT twins."""
+    names = [FULL] + [m for m in METHODS if m not in SKIPPED]
+    return names + [HF + m for m in TWINS] if twins else names
+
+
+def learning_rate(method: str, task: Task) -> float:
+    if method == FULL:
+        return FULL_LR[task.kind]
+    base = method.removeprefix(HF)
+    if base not in METHODS:
+        raise ConfigError(f"unknown benchmark method {method!r}; choose from {', '.join(method_names())}")
+    return getattr(METHODS[base], "DEFAULT_LR", FALLBACK_LR)
+
+
+@dataclass(frozen=True)
+class Cell:
+    task: Task
+    method: str
+    seed: int
+
+    @property
+    def key(self) -> str:
+        """Identifies the run: the same key in a results file means this cell is done. The task's
+        settings are part of it, so changing the budget runs the grid anew."""
+        settings = json.dumps(self.task.to_dict(), sort_keys=True)
+        digest = hashlib.sha256(settings.encode()).hexdigest()[:10]
+        return f"{self.task.name}|{self.method}|{self.seed}|{digest}"
+
+    def to_dict(self) -> dict:
+        return {"task": self.task.to_dict(), "method": self.method, "seed": self.seed, "key": self.key}
+
+
+def preset(name: str) -> tuple[list, list, list]:
+    """(tasks, methods, seeds) of a preset: ``quick`` is the SST-2 grid (every method and every
+    HF PEFT twin, 3 seeds; under an hour on a 2-core CPU); ``full`` is every task."""
+    if name == "quick":
+        return [TASKS["sst2"]], method_names(), [0, 1, 2]
+    if name == "full":
+        return list(TASKS.values()), method_names(), [0, 1, 2]
+    raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(CHOICES)}")
+
+
+def cells(tasks: list, methods: list, seeds: list) -> list:
+    """The grid in run order: task by task, each seed of a method back to back."""
+    return [Cell(task, method, seed) for task in tasks for method in methods for seed in seeds]
