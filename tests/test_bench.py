@@ -65,7 +65,10 @@ def test_grid_keys_change_with_the_budget_and_twins_follow_their_method():
     task = TASKS["sst2"]
     assert grid.Cell(task, "lora", 0).key != grid.Cell(task.with_settings(train_rows=10), "lora", 0).key
     names = grid.method_names()
-    assert names[0] == "full" and "hf:lora" in names and "fusion" not in names
+    assert names[0] == "full" and "hf:lora" in names
+    assert "trained first" in grid.skip_reason(grid.Cell(task, "fusion", 0))
+    assert "llama models only" in grid.skip_reason(grid.Cell(task, "llama_adapter", 0))  # sst2 runs MiniLM, a BERT
+    assert grid.skip_reason(grid.Cell(task, "lora", 0)) is None
     assert grid.learning_rate("prompt", task) > 10 * grid.learning_rate("lora", task)
     with pytest.raises(ConfigError, match="unknown benchmark method"):
         grid.learning_rate("lorra", task)

@@ -9,8 +9,9 @@ A cell is one (task, method, seed) run. Methods are:
   same settings and targets as peftlab's (the twin), trained by the same loop on the same data,
   seeds and step budget.
 
-Methods that cannot run from defaults alone are left out of the grid, with the reason, e.g.
-AdapterFusion (it fuses adapters that must be trained first).
+A cell that cannot run is not run, and the report says why (``skip_reason``): AdapterFusion
+(it fuses adapters that must be trained first), or a method made for another architecture than
+the task's model (LLaMA-Adapter on MiniLM).
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ CHOICES = ("quick", "full")
 
 def method_names(twins: bool = True) -> list:
     """Every method of a grid: full fine-tuning, each registered method, and the HF PEFT twins."""
-    names = [FULL] + [m for m in METHODS if m not in SKIPPED]
+    names = [FULL] + list(METHODS)
     return names + [HF + m for m in TWINS] if twins else names
 
 
@@ -77,3 +78,18 @@ def preset(name: str) -> tuple[list, list, list]:
 def cells(tasks: list, methods: list, seeds: list) -> list:
     """The grid in run order: task by task, each seed of a method back to back."""
     return [Cell(task, method, seed) for task in tasks for method in methods for seed in seeds]
+
+
+ARCHITECTURE_OF = {"minilm": "bert", "smollm2-135m": "llama"}  # the built-in models' families
+
+
+def skip_reason(cell: Cell) -> str | None:
+    """Why a cell cannot run at all (the report says so instead of showing a failure), or None."""
+    base = cell.method.removeprefix(HF)
+    if base in SKIPPED:
+        return SKIPPED[base]
+    supported = getattr(METHODS.get(base), "ARCHITECTURES", None)
+    arch = ARCHITECTURE_OF.get(cell.task.model)
+    if supported and arch and arch not in supported:
+        return f"{base} supports {', '.join(supported)} models only; {cell.task.name} uses {cell.task.model} ({arch})"
+    return None

@@ -26,8 +26,13 @@ def aggregate(rows: list) -> dict:
         groups[(row["task"], row["method"])].append(row)
     tasks = defaultdict(list)
     for (task, method), runs in groups.items():
-        finished = [r for r in runs if not r.get("failed") and not r.get("diverged")]
+        finished = [r for r in runs if not r.get("failed") and not r.get("diverged") and not r.get("skipped")]
         metrics = [r["metric"] for r in finished]
+        skipped = next((r["skipped"] for r in runs if r.get("skipped")), None)
+        runs = [r for r in runs if not r.get("skipped")]
+        if skipped and not runs:
+            tasks[task].append({"method": method, "skipped": skipped})
+            continue
         summary = {"method": method, "runs": len(runs), "finished": len(finished),
                    "diverged": sum(bool(r.get("diverged")) for r in runs) / len(runs),
                    "failed": [r["failed"] for r in runs if r.get("failed")]}
@@ -96,6 +101,9 @@ def markdown(task: str, summaries: list, plots: dict | None = None) -> str:
                  "| latency unmerged / merged | diverged | loss spread |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|")
     for s in summaries:
+        if "skipped" in s:
+            lines.append(f"| `{s['method']}` | not run: {s['skipped']} | | | | | | | | |")
+            continue
         if "metric" not in s:
             reason = "; ".join(s["failed"]) or "all runs diverged"
             lines.append(f"| `{s['method']}` | {reason[:120]} | | | | | | | {s['diverged']:.0%} | |")

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from ..errors import PeftlabError
+from .grid import skip_reason
 
 
 def finished_keys(results: Path) -> set:
@@ -56,14 +57,21 @@ def run_grid(cells: list, results: Path, threads: int = 2, timeout: float = 1800
     done = finished_keys(results)
     todo = [c for c in cells if c.key not in done]
     say(f"bench: {len(cells)} cells, {len(cells) - len(todo)} already in {results}, {len(todo)} to run")
-    added, spent = [], 0.0
+    added, spent, timed = [], 0.0, 0
     for i, cell in enumerate(todo, 1):
-        eta = "" if i == 1 else f", ETA {format_seconds(spent / (i - 1) * (len(todo) - i + 1))}"
+        reason = skip_reason(cell)
+        if reason is not None:
+            row = {"key": cell.key, "task": cell.task.name, "method": cell.method, "seed": cell.seed, "skipped": reason}
+            append(results, row)
+            added.append(row)
+            say(f"[{i}/{len(todo)}] {cell.task.name} | {cell.method} | seed {cell.seed}: skipped ({reason})")
+            continue
+        eta = f", ETA {format_seconds(spent / timed * (len(todo) - i + 1))}" if timed else ""
         say(f"[{i}/{len(todo)}{eta}] {cell.task.name} | {cell.method} | seed {cell.seed}")
         started = time.perf_counter()
         row = run_in_process(cell, threads, timeout)
         row["cell_wall_seconds"] = round(time.perf_counter() - started, 2)
-        spent += row["cell_wall_seconds"]
+        spent, timed = spent + row["cell_wall_seconds"], timed + 1
         append(results, row)
         added.append(row)
         say("    " + describe(row))
