@@ -19,6 +19,8 @@ from .errors import (  # noqa: E402
 )
 from .formats.io import load, save  # noqa: E402
 from .methods import METHODS  # noqa: E402
+from .quant import quantize  # noqa: E402
+from .prune import binarize, prune_ranks  # noqa: E402
 
 __all__ = [
     "attach", "summary", "save", "load", "set_active", "disabled", "routing", "merge", "unmerge", "unload", "delete",

@@ -34,6 +34,9 @@ PROMPT_FILE = "peftlab_prompt.json"  # next to adapter_config.json: how the adap
 TRAIN_OPTIONS = [
     ("out", str, "runs/demo", "output folder: adapter/, metrics.json, checkpoint/"),
     ("model", str, "smollm2-135m", "base model: smollm2-135m, minilm, a local folder or a Hugging Face name"),
+    ("quantize", str, None, "quantize the base's linear layers first: nf4 or fp4 (4-bit: QLoRA), int8, or int4 "
+                            "(group-wise, for qalora); a LoRA with init=loftq gets its LoftQ init here"),
+    ("double_quant", bool, True, "with --quantize nf4/fp4: quantize the 4-bit blocks' scales too (QLoRA)"),
     ("method", "method", DEFAULT_METHOD, "adapter spec, e.g. 'lora[r=16,alpha=32,targets=[q_proj,v_proj]]'"),
     ("task", str, "causal-lm", "causal-lm (prompt -> response) or sequence-classification (text -> label)"),
     ("data", str, None, "training rows: a .jsonl/.json/.csv/.tsv file or a Hugging Face dataset name "
@@ -62,6 +65,11 @@ TRAIN_OPTIONS = [
     ("resume", bool, False, "continue from <out>/checkpoint if there is one"),
     ("device", str, "auto", "auto, cpu, cuda, cuda:1, mps"),
     ("chunked_loss", bool, True, "causal LMs: compute the head and loss in blocks of rows, never the full logits"),
+    ("gradient_checkpointing", bool, False, "recompute each layer's activations in the backward pass instead of "
+                                            "keeping them: less memory, about one more forward of compute"),
+    ("optimizer", str, "adamw", "adamw, or mezo: forward passes only, no gradients or optimizer state (wants a much "
+                                "smaller --lr, e.g. 1e-4 for LoRA, and many more steps)"),
+    ("mezo_eps", float, 1e-3, "MeZO's perturbation scale"),
     ("eval_batch_size", int, 64, "rows per generation batch when evaluating"),
     ("max_new_tokens", int, None, "generation length when evaluating (default: just above the longest reference)"),
     ("progress", bool, True, "show a progress bar while training"),
@@ -264,6 +272,9 @@ def check_train_options(o: dict) -> None:
     if o["task"] == "sequence-classification" and not o["data"]:
         raise ConfigError("sequence-classification needs --data, e.g. --data ../shared/data/sst2/train.tsv "
                           "--text-key sentence --model minilm")
+    from .quant import FORMATS
+    if o["quantize"] is not None and o["quantize"] not in FORMATS:
+        raise ConfigError(f"--quantize must be one of {', '.join(FORMATS)}, got {o['quantize']!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -291,7 +302,8 @@ def cmd_train(args) -> int:
         warmup_steps=o["warmup_steps"], schedule=o["schedule"], weight_decay=o["weight_decay"],
         max_grad_norm=o["max_grad_norm"], eval_every=o["eval_every"], seed=o["seed"], out_dir=str(out),
         save_every=o["save_every"], resume=o["resume"], device=o["device"], chunked_loss=o["chunked_loss"],
-        progress=o["progress"])
+        progress=o["progress"], gradient_checkpointing=o["gradient_checkpointing"], optimizer=o["optimizer"],
+        mezo_eps=o["mezo_eps"])
     builtin = o["data"] is None
     if builtin and o["system"] is None:
         from .tasks import extract
@@ -309,6 +321,8 @@ def cmd_train(args) -> int:
     t = time.perf_counter()
     torch.manual_seed(o["seed"])
     model, tokenizer = load_model(o["model"], task=o["task"], num_labels=len(label2id or {0: 0, 1: 1}), device=o["device"])
+    if o["quantize"]:
+        quantize_base(model, o)
     load_seconds = time.perf_counter() - t
     say(f"loaded {o['model']} in {load_seconds:.1f} s")
 
@@ -392,6 +406,30 @@ def load_train_rows(o: dict) -> tuple[list, list]:
     return [rows[i] for i in order[:cut]], [rows[i] for i in order[cut:]]
 
 
+def quantize_base(model, o: dict) -> None:
+    """--quantize: the base's linear layers in 4 or 8 bits, before the held-out baseline and the
+    adapter; a LoRA with init=loftq needs LoftQ run here, for its rank."""
+    from .core.adapters import build_configs
+    from .quant import quantize, weight_bytes
+
+    loftq = [c for c in build_configs(o["method"]) if getattr(c, "init", None) == "loftq"]
+    rank = max((max([c.r, *c.rank_pattern.values()]) for c in loftq), default=None)
+    quantize(model, o["quantize"], double_quant=o["double_quant"], loftq_rank=rank)
+    size = weight_bytes(model)
+    say(f"quantized the linear layers to {o['quantize']}" + (f" with LoftQ (rank {rank})" if rank else "")
+        + f": base weights {size['total'] / 2**20:.0f} MiB, {size['total'] / size['fp32_total']:.2f}x fp32 "
+        f"(linear layers {size['quantized'] / size['fp32_quantized']:.3f}x)")
+
+
+def base_quantization(adapter) -> list | None:
+    """How the base was quantized when the adapter was trained (None: in full precision)."""
+    _, (_, metadata) = read_adapter_header(adapter)
+    try:
+        return json.loads(metadata.get("peftlab", "{}")).get("base_quantization")
+    except json.JSONDecodeError:
+        return None
+
+
 def build_data(o, model, tokenizer, train_rows, eval_rows, label2id):
     """(training dataset, evaluate(model) -> dict or None, metric name)."""
     from .train import CausalLMData, ClassificationData
@@ -450,6 +488,9 @@ def cmd_generate(args) -> int:
             system = json.loads(prompt_file.read_text()).get("system")
     model, tokenizer = load_model(model_name or "smollm2-135m", device=args.device)
     if args.adapter:
+        quantized = base_quantization(args.adapter)
+        if quantized:  # the base as the adapter was trained on
+            peftlab.quant.quantize_like(model, quantized)
         peftlab.load(model, args.adapter)
     outputs = generate(model, tokenizer, list(args.prompts), system=system, max_new_tokens=args.max_new_tokens,
                        batch_size=16)
@@ -620,6 +661,11 @@ def cmd_merge(args) -> int:
                        if n.endswith(("classifier.weight", "score.weight", "classifier.out_proj.weight"))), 2)
     say(f"loading {model_name} and {adapter}")
     model, tokenizer = load_model(model_name, task=task, num_labels=num_labels, device=args.device)
+    quantized = base_quantization(adapter)
+    if quantized:
+        say(f"{adapter} was trained on a {'/'.join(sorted({q['format'] for q in quantized}))} base: quantizing the base "
+            "the same way and merging into its dequantized weights (a full-precision model)")
+        peftlab.quant.dequantize(peftlab.quant.quantize_like(model, quantized))
     peftlab.load(model, adapter)
     peftlab.merge(model)
     model = peftlab.unload(model)

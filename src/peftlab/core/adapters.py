@@ -12,6 +12,7 @@ from collections import defaultdict
 from torch import nn
 
 from ..errors import ConfigError, StateError, TargetError
+from ..quant.layers import parameter_count
 from .config import MethodConfig, parse_spec
 from . import model_adapters
 from .layer import AdapterLayer
@@ -348,7 +349,7 @@ def unload(model: nn.Module) -> nn.Module:
 def summary(model: nn.Module) -> dict:
     """Trainable and total parameter counts, overall and per adapter and per method."""
     state = get_state(model)
-    total = sum(p.numel() for p in model.parameters())
+    total = parameter_count(model)  # a quantized weight at its full-precision size
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     per_adapter, per_method = defaultdict(int), defaultdict(int)
     if state is not None:

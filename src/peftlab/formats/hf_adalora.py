@@ -24,6 +24,7 @@ from ..core.state import require_state
 from ..core.targets import named_base_modules
 from ..errors import AdapterFormatError, IncompatibleBaseError
 from ..methods.adalora import AdaLoraConfig
+from ..methods.lora import base_weight
 from .hf_common import PREFIX, target_names
 
 PEFT_TYPES = ("ADALORA",)
@@ -164,7 +165,7 @@ def _check_shapes(model, per_module: dict, masks: dict, source) -> None:
         weight = getattr(module, "weight", None)
         if weight is None or weight.dim() != 2:
             raise IncompatibleBaseError(f"{source}: '{module_name}' is a {type(module).__name__}, not a linear layer")
-        want = tuple(weight.t().shape if type(module).__name__ == "Conv1D" else weight.shape)
+        want = tuple(base_weight(module).shape)
         if (B.shape[0], A.shape[1]) != want:
             raise IncompatibleBaseError(f"{source} was saved for a base whose '{module_name}' is {B.shape[0]}x{A.shape[1]}, "
                                         f"but this model's is {want[0]}x{want[1]}: wrong base model")

@@ -18,7 +18,7 @@ from ..core.state import require_state
 from ..core.targets import named_base_modules
 from ..errors import AdapterFormatError, IncompatibleBaseError
 from ..methods.dora import DoraConfig
-from ..methods.lora import LoraConfig
+from ..methods.lora import LoraConfig, base_weight
 from .hf_common import PREFIX, target_names
 
 PEFT_TYPES = ("LORA",)
@@ -28,7 +28,7 @@ ADAPTER_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "
 # ---- save ------------------------------------------------------------------------------------
 
 def writes(configs) -> bool:
-    return len(configs) == 1 and configs[0].method in ("lora", "dora")
+    return len(configs) == 1 and configs[0].method in ("lora", "dora", "lora_fa")  # LoRA-FA is a LoRA at inference
 
 
 def to_hf(model: nn.Module, name: str, config: LoraConfig) -> tuple[dict, dict]:
@@ -147,8 +147,7 @@ def _check_shapes(model, per_module: dict, adapter_dir) -> None:
             want = (module.embedding_dim, module.num_embeddings)
             pair = ("lora_embedding_B", "lora_embedding_A")
         else:
-            w = module.weight
-            want = tuple(w.t().shape if type(module).__name__ == "Conv1D" else w.shape)
+            want = tuple(base_weight(module).shape)
             pair = ("lora_B.weight", "lora_A.weight")
         got = None
         if all(k in local and local[k].dim() == 2 for k in pair):

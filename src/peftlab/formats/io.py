@@ -24,6 +24,7 @@ from ..core import adapters as core
 from ..core.state import STATE_ATTR, get_state, require_state
 from ..core.targets import named_base_modules
 from ..errors import AdapterFormatError, ConfigError, IncompatibleBaseError
+from ..quant import parameter_shape, quantization_record
 from . import hf_adalora, hf_lora, native
 from . import hf_ia3, hf_ln_tuning
 from . import hf_adaption_prompt, hf_prompt
@@ -40,11 +41,12 @@ CONVERTERS = [hf_lora, hf_adalora, hf_ia3, hf_ln_tuning, hf_prompt, hf_adaption_
 
 
 def fingerprint(model: nn.Module) -> str:
-    """A hash of the base model's parameter names and shapes (adapters ignored)."""
+    """A hash of the base model's parameter names and shapes (adapters ignored; a quantized weight
+    counts with its full-precision shape, so a model and its quantized copy match)."""
     digest = hashlib.sha256()
     for name, module in named_base_modules(model):
         for pname, p in module.named_parameters(recurse=False):
-            digest.update(f"{name}.{pname}:{tuple(p.shape)};".encode())
+            digest.update(f"{name}.{pname}:{parameter_shape(module, pname, p)};".encode())
     return digest.hexdigest()[:16]
 
 
@@ -79,7 +81,8 @@ def save(model: nn.Module, out_dir, name: str = "default") -> Path:
     metadata = {
         "format": "pt",
         "peftlab": json.dumps({"version": __version__, "base_fingerprint": fingerprint(model), "base_model": state.base_name,
-                               "config": configs[0].to_dict(), "configs": [c.to_dict() for c in configs]}),
+                               "config": configs[0].to_dict(), "configs": [c.to_dict() for c in configs],
+                               "base_quantization": quantization_record(model)}),
     }
     out = Path(out_dir)
     # both files or neither: a failed save never pairs new weights with an old config

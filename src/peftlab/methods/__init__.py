@@ -29,11 +29,13 @@ from ..errors import ConfigError
 METHOD_FILES = (
     "lora",
     "dora",
+    "lora_fa",
     "dylora",
     "adalora",
     "sora",
     "moslora",
     "krona",
+    "qalora",
     "diff_pruning",
     "fishmask",
     "prompt_tuning",
@@ -51,7 +53,9 @@ METHOD_FILES = (
     "parallel",
     "compacter",
     "compacterpp",
+    "sparse_adapter",
     "fusion",
+    "ladder",
     "mam",
     "unipelt",
 )

@@ -34,7 +34,7 @@ from ..core.state import require_state
 from ..core.targets import is_linear
 from ..errors import ConfigError, StateError
 from .lora import LoraConfig, base_weight, scaling
-from .lowrank import FactoredUpdate, reject_pissa
+from .lowrank import FactoredUpdate, reject_weight_inits
 
 CATEGORY = "reparameterized"
 PAPER = "Valipour et al., 2022 (arXiv:2210.07558)"
@@ -53,7 +53,7 @@ class DyLoraConfig(LoraConfig):
 
     def validate(self) -> None:
         super().validate()
-        reject_pissa(self)
+        reject_weight_inits(self)
         if not isinstance(self.frozen, bool):
             raise ConfigError(f"dylora: frozen must be true or false, got {self.frozen!r}")
 

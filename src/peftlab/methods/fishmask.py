@@ -42,6 +42,7 @@ from torch import nn
 from ..core.adapters import adapter_layers
 from ..core.config import MethodConfig
 from ..errors import ConfigError, IncompatibleBaseError, StateError
+from ..quant.layers import is_quantized
 from .sparse_delta import WeightDelta, delta_dtype, read_sparse, to_sparse
 from .sparse_delta import can_wrap  # noqa: F401  (the method protocol)
 
@@ -117,6 +118,9 @@ class FishMaskDelta(WeightDelta):
     """k trainable values at fixed flat positions of one weight."""
 
     def __init__(self, base: nn.Module, density: float):
+        if is_quantized(base):
+            raise ConfigError("fishmask: a quantized base has no gradient for its weight entries, which FishMask picks by; "
+                              "use it on a full-precision model (or peftlab.quant.dequantize the base first)")
         super().__init__(base)
         weight = base.weight
         k = entries_to_train(weight.numel(), density)

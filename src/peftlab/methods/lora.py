@@ -12,7 +12,14 @@ Variants here:
   vectors and values of ``W`` and the residual ``W - s B A`` stays in the base, so training
   moves the principal directions first. Saved adapters are converted to plain LoRA of rank 2r
   that applies to the original base (``B' A' = B A - B0 A0``), as HF PEFT does.
+- LoftQ (Li et al., 2023, arXiv:2310.08659): on a base quantized with
+  ``peftlab.quantize(model, "nf4", loftq_rank=r)``, ``s B A`` starts at the rank-r correction LoftQ
+  chose together with the quantized weights (``quant/loftq.py``), so quantized base + LoRA starts
+  near the full-precision model instead of at the quantized one.
 - per-module ranks and alphas through ``rank_pattern`` / ``alpha_pattern``.
+
+On a quantized base (``peftlab.quant``) merging dequantizes, adds and requantizes (see
+``base_weight`` / ``set_base_weight``, which every method's merge goes through).
 
 Wraps ``nn.Linear``, ``nn.Embedding`` and GPT-2's ``Conv1D`` (weight stored as in x out).
 """
@@ -30,19 +37,20 @@ from torch import nn
 from ..core.config import MethodConfig
 from ..core.targets import is_linear
 from ..errors import ConfigError, TargetError
+from ..quant.layers import is_quantized
 
 CATEGORY = "reparameterized"
 PAPER = "Hu et al., 2022 (arXiv:2106.09685)"
 MERGEABLE = True
 INVALID_SETTINGS = ("r=0", "alpha=-1", "dropout=1.5", "init=svd")
-INITS = ("default", "gaussian", "pissa")
+INITS = ("default", "gaussian", "pissa", "loftq")
 
 
 @dataclass
 class LoraConfig(MethodConfig):
     """r: rank; alpha: scale numerator; dropout on the adapter input; rslora: alpha/sqrt(r);
-    init: default (B = 0), gaussian, or pissa; rank_pattern / alpha_pattern: per-module overrides
-    keyed by a module-name suffix or regex, e.g. ``{"mlp.down_proj": 4}``."""
+    init: default (B = 0), gaussian, pissa, or loftq (on a LoftQ-quantized base); rank_pattern /
+    alpha_pattern: per-module overrides keyed by a module-name suffix or regex, e.g. ``{"mlp.down_proj": 4}``."""
 
     method: ClassVar[str] = "lora"
     r: int = 8
@@ -96,6 +104,21 @@ def scaling(alpha: float, r: int, rslora: bool) -> float:
 def delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
     """The update ``s * B @ A`` in (out x in) layout."""
     return (B @ A) * scale
+
+
+def loftq_factors(base: nn.Module, r: int, scale: float):
+    """``(A, B)`` with ``s * B @ A`` the rank-r part of the LoftQ correction ``W - Q`` that
+    ``peftlab.quantize(..., loftq_rank)`` left on the quantized base (``quant/loftq.py``)."""
+    L, R = getattr(base, "loftq_B", None), getattr(base, "loftq_A", None)
+    if L is None:
+        raise ConfigError("lora: init=loftq needs a base quantized with LoftQ, which chooses the quantized weights and the "
+                          "LoRA init together: call peftlab.quantize(model, 'nf4', loftq_rank=r) on the full-precision "
+                          "model first, then attach lora[init=loftq]")
+    if r > R.shape[0]:
+        raise ConfigError(f"lora: init=loftq with r={r}, but the base was quantized with loftq_rank={R.shape[0]}; "
+                          f"use r <= {R.shape[0]} or quantize with loftq_rank={r}")
+    root = math.sqrt(scale)
+    return R[:r] / root, L[:, :r] / root
 
 
 def pissa_factors(weight: torch.Tensor, r: int, scale: float):
@@ -185,7 +208,15 @@ class LoraLinear(MergesDelta, nn.Module):
             else:
                 nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B.weight)
+            if init == "loftq":
+                A, B = loftq_factors(base, r, self.scaling)
+                self.lora_A.weight.copy_(A)
+                self.lora_B.weight.copy_(B)
             if init == "pissa":
+                if is_quantized(base):
+                    raise ConfigError("lora: init=pissa rewrites the base weight in full precision (W - s B A), which a quantized "
+                                      "base cannot hold without requantizing it; use init=loftq on a base quantized with "
+                                      "peftlab.quantize(model, 'nf4', loftq_rank=r), or PiSSA on a full-precision model")
                 A, B = pissa_factors(base_weight(base), r, self.scaling)
                 self.lora_A.weight.copy_(A)
                 self.lora_B.weight.copy_(B)
@@ -232,8 +263,8 @@ class LoraEmbedding(nn.Module):
 
     def __init__(self, base: nn.Embedding, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False, init: str = "default"):
         super().__init__()
-        if init == "pissa":
-            raise ConfigError("lora: init=pissa applies to linear layers only; exclude the embedding or use init=default")
+        if init in ("pissa", "loftq"):
+            raise ConfigError(f"lora: init={init} applies to linear layers only; exclude the embedding or use init=default")
         self.r, self.alpha, self.rslora, self.init = r, alpha, rslora, init
         self.scaling = scaling(alpha, r, rslora)
         w = base.weight
@@ -263,11 +294,18 @@ class LoraEmbedding(nn.Module):
 
 
 def base_weight(base: nn.Module) -> torch.Tensor:
-    """The base weight in (out x in) layout, whatever the module stores."""
+    """The base weight in (out x in) layout, whatever the module stores (a quantized base: dequantized)."""
+    if is_quantized(base):
+        return base.dequantize()
     return base.weight.t() if type(base).__name__ == "Conv1D" else base.weight
 
 
 def set_base_weight(base: nn.Module, value: torch.Tensor) -> None:
+    """Make the base weight ``value`` (out x in). A quantized base requantizes it, which rounds it to
+    the format's grid; the error this adds is recorded (``peftlab.quant.merge_report``)."""
+    if is_quantized(base):
+        base.requantize(value)
+        return
     value = value.t() if type(base).__name__ == "Conv1D" else value
     base.weight.data.copy_(value)
 

@@ -40,7 +40,8 @@ class FactoredUpdate(MergesDelta):
 
 
 
-def reject_pissa(config: LoraConfig) -> None:
-    """PiSSA moves principal components out of the base; none of the variants is defined on that."""
-    if config.init == "pissa":
-        raise ConfigError(f"{config.method}: init=pissa is not supported; use init=default or gaussian")
+def reject_weight_inits(config: LoraConfig) -> None:
+    """PiSSA and LoftQ start LoRA's plain ``s B A`` from the base weight; none of the variants'
+    updates has that form at init."""
+    if config.init in ("pissa", "loftq"):
+        raise ConfigError(f"{config.method}: init={config.init} is not supported; use init=default or gaussian")

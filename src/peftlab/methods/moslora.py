@@ -22,7 +22,7 @@ from torch import nn
 
 from ..core.targets import is_linear
 from .lora import LoraConfig, LoraLinear
-from .lowrank import FactoredUpdate, reject_pissa
+from .lowrank import FactoredUpdate, reject_weight_inits
 
 CATEGORY = "reparameterized"
 PAPER = "Wu et al., 2024 (arXiv:2406.11909)"
@@ -38,7 +38,7 @@ class MosLoraConfig(LoraConfig):
 
     def validate(self) -> None:
         super().validate()
-        reject_pissa(self)
+        reject_weight_inits(self)
 
 
 class MosLoraLinear(FactoredUpdate, LoraLinear):

@@ -22,12 +22,15 @@ the same for a training forward, a forward with a KV cache and every step of ``g
 - the hidden states of prepended embeddings are dropped from the backbone's output, so the head,
   the labels, the loss and ``generate`` see the user's sequence only. (A BERT pooler has already
   read position 0, a virtual token, as in HF PEFT.)
+- in training under gradient checkpointing, where transformers hands its layers no cache, prefixes
+  travel in a cache the layers may keep (``PrefixOnlyCache``, below).
 
 Saving writes the final virtual tokens (``prompt_embeddings``, HF PEFT's name and layout), never
 the reparameterization networks that produced them; ``fold`` does the same in memory.
 """
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -42,6 +45,7 @@ from ..errors import AdapterFormatError, ConfigError, IncompatibleBaseError, Sta
 EXAMPLE_MODEL_SETTINGS = {"initializer_range": 0.2}
 SAVED_KEY = "prompt_embeddings"  # HF PEFT's tensor name for every prompt-learning method
 HOLDERS_ATTR = "_peftlab_virtual_token_holders"  # on a KV cache: the adapters whose tokens it holds
+READER_HOOK_ATTR = "_peftlab_reads_prefix_caches"  # on a checkpointed layer: it may keep a PrefixOnlyCache
 
 
 # ---- settings and the model ------------------------------------------------------------------------
@@ -156,6 +160,54 @@ def remember(cache, adapter: nn.Module) -> None:
     holders.add(adapter)
 
 
+# ---- gradient checkpointing ----------------------------------------------------------------------
+# transformers checkpoints each decoder layer in training and hands it ``past_key_values=None``: the
+# layer runs twice (forward, then again in backward) and a cache that it writes to would give the
+# second run other keys than the first. Layers that only *read* the cache may keep it
+# (``_can_checkpoint_with_cache``). So a prefix trained under checkpointing travels in a cache that
+# holds the prefixes and stores nothing else, and the layers are told they may keep exactly that cache.
+
+def checkpointed_training(backbone: nn.Module) -> bool:
+    return backbone.training and bool(getattr(backbone, "gradient_checkpointing", False))
+
+
+@functools.cache
+def prefix_only_cache() -> type:
+    """The ``PrefixOnlyCache`` class (made on first use, so importing peftlab does not import transformers)."""
+    from transformers import DynamicCache
+
+    class PrefixOnlyCache(DynamicCache):
+        """A KV cache that holds prefixes only: ``update`` returns the prefix followed by the layer's
+        own keys and values and stores nothing, so every run of a layer sees the same keys."""
+
+        def hold(self, keys: torch.Tensor, values: torch.Tensor, layer: int) -> None:
+            DynamicCache.update(self, keys, values, layer)
+
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            held = self.layers[layer_idx]
+            return torch.cat([held.keys, key_states], dim=-2), torch.cat([held.values, value_states], dim=-2)
+
+    return PrefixOnlyCache
+
+
+def let_layers_read_prefix_caches(backbone: nn.Module) -> None:
+    """Let every checkpointed layer of ``backbone`` keep a ``PrefixOnlyCache`` (and nothing else)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    for layer in backbone.modules():
+        if isinstance(layer, GradientCheckpointingLayer) and not getattr(layer, READER_HOOK_ATTR, False):
+            layer.register_forward_pre_hook(_keep_prefix_only_caches, with_kwargs=True)
+            setattr(layer, READER_HOOK_ATTR, True)
+
+
+def _keep_prefix_only_caches(layer: nn.Module, args, kwargs) -> None:
+    # decided per call from the call's own cache: nothing is left switched on after an error
+    if isinstance(kwargs.get("past_key_values"), prefix_only_cache()):
+        layer._can_checkpoint_with_cache = True
+    else:
+        layer.__dict__.pop("_can_checkpoint_with_cache", None)  # the layer class's own setting
+
+
 def output_cache(output):
     return getattr(output, "past_key_values", None)
 
@@ -223,11 +275,11 @@ class KVPrefix(nn.Module):
         raise NotImplementedError
 
     def rewrite_inputs(self, kwargs: dict):
-        if getattr(self._backbone, "gradient_checkpointing", False) and self._backbone.training:
-            raise StateError("a prefix reaches the attention layers through the KV cache, which transformers turns off "
-                             "under gradient checkpointing; call model.gradient_checkpointing_disable() to train a prefix")
         kwargs = dict(kwargs)
         cache = kwargs.get("past_key_values")
+        if checkpointed_training(self._backbone) and not isinstance(cache, prefix_only_cache()):
+            cache = prefix_only_cache()(config=self._backbone.config)  # the layers would drop any other cache
+            let_layers_read_prefix_caches(self._backbone)
         if starts_sequence(cache, self):
             kwargs["past_key_values"] = self.fill(cache, batch_size(kwargs))
         update(kwargs, "attention_mask", lengthen_mask, self.length)
@@ -241,8 +293,9 @@ class KVPrefix(nn.Module):
         if cache is None:
             cache = DynamicCache(config=self._backbone.config)
         dtype = self._backbone.get_input_embeddings().weight.dtype
+        write = cache.hold if isinstance(cache, prefix_only_cache()) else cache.update
         for layer, (keys, values) in enumerate(split_prefix(self.prefix().to(dtype), self.shape)):
-            cache.update(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), layer)
+            write(keys.expand(batch, -1, -1, -1), values.expand(batch, -1, -1, -1), layer)
         return cache
 
     def rewrite_output(self, output, note):

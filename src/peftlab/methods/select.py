@@ -39,6 +39,7 @@ from torch.func import functional_call
 
 from ..core.config import MethodConfig
 from ..errors import ConfigError
+from ..quant.layers import is_quantized
 
 CATEGORY = "selective"
 PAPER = "Lee et al., 2019 (arXiv:1911.03090)"
@@ -120,8 +121,12 @@ Config = SelectConfig
 
 def can_wrap(module: nn.Module) -> bool:
     """A module with parameters of its own and no children (linear layers, norms, embeddings)."""
-    return bool(own_parameters(module)) and not list(module.children())
+    return (bool(own_parameters(module)) or is_quantized(module)) and not list(module.children())
 
 
 def make_adapter(module: nn.Module, config: SelectConfig, name: str) -> nn.Module:
+    if is_quantized(module):
+        raise ConfigError(f"{config.method}: '{name}' is quantized ({module.format}); training its weight in full would "
+                          "need it in full precision. Select other modules (e.g. targets=norms), or use a low-rank "
+                          "method such as lora on a quantized base")
     return ParameterDelta(module)

@@ -33,7 +33,7 @@ from ..core.state import require_state
 from ..core.targets import is_linear
 from ..errors import ConfigError
 from .lora import LoraConfig, LoraLinear
-from .lowrank import FactoredUpdate, reject_pissa
+from .lowrank import FactoredUpdate, reject_weight_inits
 
 CATEGORY = "reparameterized"
 PAPER = "Ding et al., 2023 (arXiv:2311.11696)"
@@ -52,7 +52,7 @@ class SoraConfig(LoraConfig):
 
     def validate(self) -> None:
         super().validate()
-        reject_pissa(self)
+        reject_weight_inits(self)
         value = self.sparse_lambda
         if not (isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0):
             raise ConfigError(f"sora: sparse_lambda must be a number >= 0 (0 turns the sparsity off), got {value!r}")

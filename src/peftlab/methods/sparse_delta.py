@@ -14,6 +14,8 @@ from torch import nn
 
 from ..core.targets import is_linear
 from ..errors import AdapterFormatError, IncompatibleBaseError
+from ..quant.layers import is_quantized, parameter_shape
+from .lora import base_weight, set_base_weight
 
 
 def can_wrap(module: nn.Module) -> bool:
@@ -35,8 +37,8 @@ class WeightDelta(nn.Module):
         super().__init__()
         self.kind = "embedding" if isinstance(base, nn.Embedding) else "conv1d" if type(base).__name__ == "Conv1D" else "linear"
         self.padding_idx = getattr(base, "padding_idx", None)
-        self.weight_shape = tuple(base.weight.shape)
-        self.weight_numel = base.weight.numel()
+        self.weight_shape = parameter_shape(base, "weight", base.weight)  # a quantized base's: that of its full-precision weight
+        self.weight_numel = torch.Size(self.weight_shape).numel()
 
     def forward(self, x, base_out):
         return output_delta(self.kind, x, self.current_delta(), self.padding_idx)
@@ -51,13 +53,21 @@ class WeightDelta(nn.Module):
         return weight + self.current_delta()
 
     def merge(self, base: nn.Module) -> None:
-        base.weight.data += self.delta_weight().to(base.weight.dtype)
+        add_to_weight(base, self.delta_weight())
 
     def unmerge(self, base: nn.Module) -> None:
-        base.weight.data -= self.delta_weight().to(base.weight.dtype)
+        add_to_weight(base, -self.delta_weight())
 
     def detach_from(self, base: nn.Module) -> None:
         pass  # the base weight is never changed unmerged
+
+
+def add_to_weight(base: nn.Module, delta: torch.Tensor) -> None:
+    """``W += delta`` (delta in the weight's own layout); a quantized base dequantizes, adds and requantizes."""
+    if is_quantized(base):
+        set_base_weight(base, base_weight(base) + delta)
+    else:
+        base.weight.data += delta.to(base.weight.dtype)
 
 
 def output_delta(kind: str, x: torch.Tensor, delta: torch.Tensor, padding_idx=None) -> torch.Tensor:

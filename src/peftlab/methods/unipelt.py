@@ -89,7 +89,7 @@ def expand(config: UniPeltConfig) -> list:
 
 def gate(width: int, like: torch.Tensor) -> nn.Linear:
     """A per-token gate ``sigmoid(W x + b)`` reading ``width`` features (0.5 at a zero input)."""
-    return nn.Linear(width, 1, device=like.device, dtype=like.dtype)
+    return nn.Linear(width, 1, device=like.device, dtype=like.dtype if like.dtype.is_floating_point else torch.float32)
 
 
 @dataclass

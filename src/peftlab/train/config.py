@@ -7,11 +7,12 @@ from dataclasses import asdict, dataclass, field, fields
 from ..errors import ConfigError
 
 SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZERS = ("adamw", "mezo")
 
 # Settings that decide the exact sequence of updates; a resume with different values cannot
 # reproduce the uninterrupted run, so it warns.
 TRAJECTORY_KEYS = ("lr", "steps", "batch_size", "grad_accum", "warmup_steps", "schedule", "weight_decay",
-                   "max_grad_norm", "seed", "chunked_loss")
+                   "max_grad_norm", "seed", "chunked_loss", "optimizer", "mezo_eps")
 
 
 @dataclass
@@ -26,7 +27,12 @@ class TrainConfig:
     only at the end); resume: continue from the checkpoint in out_dir if there is one; device:
     "auto" (cuda if available, else cpu), "cpu", "cuda", "cuda:1"...; chunked_loss: compute a
     causal LM's head and loss blockwise, never holding the full logits (same loss, less memory and
-    time); log_every: refresh the progress bar's numbers every N steps; progress: show a progress bar."""
+    time); log_every: refresh the progress bar's numbers every N steps; progress: show a progress bar;
+    gradient_checkpointing: recompute each layer's activations in the backward pass instead of keeping
+    them (less memory, about one more forward of compute; ``checkpointing.py``); optimizer: "adamw",
+    or "mezo" (zeroth-order, forward passes only, no gradients or optimizer state: ``mezo.py``; it wants
+    a much smaller lr and many more steps, e.g. 1e-4 for LoRA, 1e-6 for full weights, and ignores
+    max_grad_norm); mezo_eps: MeZO's perturbation scale."""
 
     lr: float = 2e-3
     steps: int = 120
@@ -45,6 +51,9 @@ class TrainConfig:
     chunked_loss: bool = True
     log_every: int = 1
     progress: bool = True
+    gradient_checkpointing: bool = False
+    optimizer: str = "adamw"
+    mezo_eps: float = 1e-3
 
     def __post_init__(self):
         if self.out_dir is not None:
@@ -74,6 +83,10 @@ class TrainConfig:
         for name in ("weight_decay", "max_grad_norm"):
             if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) >= 0):
                 raise ConfigError(f"train: {name} must be a number >= 0, got {getattr(self, name)!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"train: optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if not (isinstance(self.mezo_eps, (int, float)) and not isinstance(self.mezo_eps, bool) and self.mezo_eps > 0):
+            raise ConfigError(f"train: mezo_eps (MeZO's perturbation scale) must be a positive number, got {self.mezo_eps!r}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"train: schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.warmup_steps >= self.steps:

@@ -7,6 +7,9 @@
         clip the gradient norm, AdamW step
         evaluate / checkpoint when due
 
+With ``optimizer="mezo"`` a step is two forward passes and an update instead (``mezo.py``); with
+``gradient_checkpointing`` the layers recompute their activations in backward (``checkpointing.py``).
+
 Everything a resumed run needs is a function of (seed, step, data position) plus the tensors in
 the checkpoint, so a run killed at any point and resumed ends with the same weights and losses as
 one that never stopped.
@@ -27,8 +30,10 @@ from ..core import adapters as core
 from ..errors import StateError, TrainingError
 from ..models import resolve_device
 from .checkpoint import capture_rng, checkpoint_folder, has_checkpoint, load_checkpoint, restore_rng, save_checkpoint
+from .checkpointing import gradient_checkpointing
 from .config import TRAJECTORY_KEYS, TrainConfig, TrainResult
 from .loss import training_loss
+from .mezo import MeZO, projected_gradient, step_seed
 
 
 def train(model: torch.nn.Module, data, cfg: TrainConfig | None = None, eval_fn=None, on_step=None) -> TrainResult:
@@ -65,8 +70,9 @@ def train(model: torch.nn.Module, data, cfg: TrainConfig | None = None, eval_fn=
         for step in range(run.steps, cfg.steps):
             started = time.perf_counter()
             lr = lr_at(step, cfg)
-            loss, tokens = train_step(model, data, collate, order, run.position, optimizer, params, lr, step, cfg,
-                                      device, on_step)
+            with gradient_checkpointing(model, cfg.gradient_checkpointing):
+                loss, tokens = train_step(model, data, collate, order, run.position, optimizer, params, lr, step, cfg,
+                                          device, on_step)
             run.record(loss, lr, tokens, time.perf_counter() - started, cfg)
             if run.steps % cfg.log_every == 0 or run.steps == cfg.steps:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{run.session_tokens_per_second():.0f}")
@@ -132,13 +138,16 @@ def calibrate(model, data, collate, order, cfg: TrainConfig, device, batches: in
         model.train(was_training)
 
 
-def make_optimizer(params: dict, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only: decaying biases and norm scales toward zero
-    hurts more than it regularizes (the usual GPT recipe)."""
+def make_optimizer(params: dict, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (or MeZO) with weight decay on matrices only: decaying biases and norm scales toward
+    zero hurts more than it regularizes (the usual GPT recipe)."""
     decay = [p for p in params.values() if p.dim() >= 2]
     no_decay = [p for p in params.values() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+    groups = [g for g in groups if g["params"]]
+    if cfg.optimizer == "mezo":
+        return MeZO(groups, lr=cfg.lr, eps=cfg.mezo_eps)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
 
 
 def seed_everything(seed: int) -> None:
@@ -217,6 +226,8 @@ def train_step(model, data, collate, order, position: int, optimizer, params: di
     before ``optimizer.step()``, so the weights and optimizer state stay those of the last good step."""
     for group in optimizer.param_groups:
         group["lr"] = lr
+    if isinstance(optimizer, MeZO):
+        return mezo_step(model, data, collate, order, position, optimizer, lr, step, cfg, device, on_step)
     loss, tokens = accumulate_gradients(model, data, collate, order, position, cfg, device)
     grad_norm = clip_gradients(params, cfg.max_grad_norm)
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -228,6 +239,35 @@ def train_step(model, data, collate, order, position: int, optimizer, params: di
         on_step(step + 1)
     optimizer.zero_grad(set_to_none=True)
     return loss, tokens
+
+
+def mezo_step(model, data, collate, order, position: int, optimizer: MeZO, lr: float, step: int, cfg: TrainConfig,
+              device, on_step=None) -> tuple[float, int]:
+    """One MeZO step over ``grad_accum`` micro-batches: two forward passes of each, no backward.
+    The reported loss is the mean of the two passes; a non-finite loss or estimate raises, and
+    MeZO made no update."""
+    batches = [to_device(collate([data[i] for i in order.take(position + micro * cfg.batch_size, cfg.batch_size)]),
+                         device) for micro in range(cfg.grad_accum)]
+    losses = []
+
+    def objective() -> float:
+        total = 0.0
+        for batch in batches:
+            loss = require_loss(training_loss(model, batch, cfg.chunked_loss))
+            penalty = core.regularization(model)  # the reported loss excludes it, as with backprop
+            losses.append(loss.item())
+            total += (loss if penalty is None else loss + penalty).item() / len(batches)
+        return total
+
+    plus, minus = optimizer.step(objective, seed=step_seed(cfg.seed, step))
+    loss = sum(losses) / len(losses)
+    estimate = projected_gradient(plus, minus, cfg.mezo_eps)
+    if not (math.isfinite(loss) and math.isfinite(estimate)):
+        raise non_finite_error(loss, estimate, step + 1, cfg)
+    core.after_step(model, step + 1, cfg.steps, lr)
+    if on_step is not None:
+        on_step(step + 1)
+    return loss, sum(count_tokens(batch) for batch in batches)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -273,15 +313,19 @@ def accumulate_gradients(model, data, collate, order: DataOrder, position: int, 
     for micro in range(cfg.grad_accum):
         indices = order.take(position + micro * cfg.batch_size, cfg.batch_size)
         batch = to_device(collate([data[i] for i in indices]), device)
-        loss = training_loss(model, batch, cfg.chunked_loss)
-        if loss is None:
-            raise TrainingError("the model returned no loss; the batches need 'labels' "
-                                "(CausalLMData and ClassificationData add them)")
+        loss = require_loss(training_loss(model, batch, cfg.chunked_loss))
         penalty = core.regularization(model)  # e.g. L0 gates, orthogonality; reported loss excludes it
         ((loss if penalty is None else loss + penalty) / cfg.grad_accum).backward()
         total_loss += loss.item() / cfg.grad_accum
         tokens += count_tokens(batch)
     return total_loss, tokens
+
+
+def require_loss(loss):
+    if loss is None:
+        raise TrainingError("the model returned no loss; the batches need 'labels' "
+                            "(CausalLMData and ClassificationData add them)")
+    return loss
 
 
 def to_device(batch: dict, device) -> dict:

@@ -89,6 +89,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
         hidden, targets = hidden[keep], targets[keep]
     if targets.numel() == 0:
         return hidden.sum() * float("nan")
+    if not torch.is_grad_enabled():  # no gradients to make in the same pass (e.g. MeZO's forward-only steps)
+        hidden, weight, bias = hidden.detach(), weight.detach(), None if bias is None else bias.detach()
     return _LinearCrossEntropy.apply(hidden, weight, bias, targets)
 
 
@@ -108,9 +110,9 @@ def plain_head(model: nn.Module) -> nn.Linear | None:
 
 
 def training_loss(model: nn.Module, batch: dict, chunked: bool = True) -> torch.Tensor | None:
-    """The loss of ``batch``: blockwise for a causal LM with a plain head (when ``chunked`` and
-    gradients are on), else ``model(**batch).loss`` (None when the model returns no loss)."""
-    head = plain_head(model) if chunked and torch.is_grad_enabled() and "labels" in batch else None
+    """The loss of ``batch``: blockwise for a causal LM with a plain head (when ``chunked``), else
+    ``model(**batch).loss`` (None when the model returns no loss)."""
+    head = plain_head(model) if chunked and "labels" in batch else None
     if head is None:
         return getattr(model(**batch), "loss", None)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
