@@ -37,6 +37,8 @@ TRAIN_OPTIONS = [
     ("quantize", str, None, "quantize the base's linear layers first: nf4 or fp4 (4-bit: QLoRA), int8, or int4 "
                             "(group-wise, for qalora); a LoRA with init=loftq gets its LoftQ init here"),
     ("double_quant", bool, True, "with --quantize nf4/fp4: quantize the 4-bit blocks' scales too (QLoRA)"),
+    ("quantize_embeddings", bool, False, "with --quantize: the input embeddings and the output head too (a tied head "
+                                         "shares their quantized table)"),
     ("method", "method", DEFAULT_METHOD, "adapter spec, e.g. 'lora[r=16,alpha=32,targets=[q_proj,v_proj]]'"),
     ("task", str, "causal-lm", "causal-lm (prompt -> response) or sequence-classification (text -> label)"),
     ("data", str, None, "training rows: a .jsonl/.json/.csv/.tsv file or a Hugging Face dataset name "
@@ -275,6 +277,9 @@ def check_train_options(o: dict) -> None:
     from .quant import FORMATS
     if o["quantize"] is not None and o["quantize"] not in FORMATS:
         raise ConfigError(f"--quantize must be one of {', '.join(FORMATS)}, got {o['quantize']!r}")
+    if o["quantize_embeddings"] and o["quantize"] is None:
+        raise ConfigError("--quantize-embeddings quantizes the embeddings in the format of --quantize; give that too, "
+                          "e.g. --quantize nf4 --quantize-embeddings")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,11 +419,12 @@ def quantize_base(model, o: dict) -> None:
 
     loftq = [c for c in build_configs(o["method"]) if getattr(c, "init", None) == "loftq"]
     rank = max((max([c.r, *c.rank_pattern.values()]) for c in loftq), default=None)
-    quantize(model, o["quantize"], double_quant=o["double_quant"], loftq_rank=rank)
+    quantize(model, o["quantize"], double_quant=o["double_quant"], loftq_rank=rank, embeddings=o["quantize_embeddings"])
     size = weight_bytes(model)
-    say(f"quantized the linear layers to {o['quantize']}" + (f" with LoftQ (rank {rank})" if rank else "")
+    what = "the linear layers and the embeddings" if o["quantize_embeddings"] else "the linear layers"
+    say(f"quantized {what} to {o['quantize']}" + (f" with LoftQ (rank {rank})" if rank else "")
         + f": base weights {size['total'] / 2**20:.0f} MiB, {size['total'] / size['fp32_total']:.2f}x fp32 "
-        f"(linear layers {size['quantized'] / size['fp32_quantized']:.3f}x)")
+        f"(quantized layers {size['quantized'] / size['fp32_quantized']:.3f}x)")
 
 
 def base_quantization(adapter) -> list | None:

@@ -58,7 +58,8 @@ def named_base_modules(model: nn.Module):
                 yield name, child.base_layer
                 continue
             yield name, child
-            yield from walk(child, name)
+            if not getattr(child, "base_module_leaf", False):  # one base module, as what it replaced (quant.QuantizedEmbedding)
+                yield from walk(child, name)
 
     yield from walk(model, "")
 

@@ -10,6 +10,7 @@
     peftlab.attach(model, "lora[r=16,init=loftq]")
     peftlab.quantize(model, "int4", group_size=32)     # QA-LoRA: merges into the INT4 weights exactly
     peftlab.attach(model, "qalora[r=16,group_size=32]")
+    peftlab.quantize(model, "nf4", embeddings=True)   # the embeddings and the (tied) head in nf4 too
 
 ``quantize`` swaps linear layers for quantized ones (``bnb.py``: bitsandbytes' ``Linear4bit`` /
 ``Linear8bitLt``; ``int4.py``: peftlab's group-wise INT4). A quantized layer is an ``nn.Linear`` that
@@ -20,8 +21,9 @@ update and requantizes; the error that adds is recorded per layer (``merge_repor
 that need the weight itself in full precision refuse a quantized base with a clear error: FishMask
 (picks entries by the weight's gradient), select (trains the weight in full), LoRA's init=pissa.
 
-Embeddings and the output head stay in full precision by default; ``weight_bytes`` tells what the
-base weights take. Adapters saved from a quantized model record how its base was quantized
+Embeddings and the output head stay in full precision by default (as in QLoRA); ``embeddings=True``
+stores them in the same format (``embedding.py``: a tied head shares the quantized table).
+``weight_bytes`` tells what the base weights take. Adapters saved from a quantized model record how its base was quantized
 (``quantization_record``), so the base can be quantized the same way again (``quantize_like``)
 before loading them, and ``peftlab merge`` exports them merged into the dequantized weights.
 """
@@ -38,13 +40,14 @@ from ..core.layer import AdapterLayer
 from ..core.state import get_state
 from ..core.targets import find_targets, get_submodule_parent, named_base_modules
 from ..errors import ConfigError, StateError
+from .embedding import QuantizedEmbedding, embedding_and_head
 from .layers import QuantizedLinear, is_quantized, parameter_shape
 from .loftq import loftq
 
 FORMATS = ("nf4", "fp4", "int8", "int4")
 
 __all__ = ["FORMATS", "quantize", "dequantize", "weight_bytes", "merge_report", "quantization_record", "quantize_like",
-           "is_quantized", "parameter_shape", "QuantizedLinear"]
+           "is_quantized", "parameter_shape", "QuantizedLinear", "QuantizedEmbedding"]
 
 
 @dataclass
@@ -59,7 +62,8 @@ def can_quantize(module: nn.Module) -> bool:
 
 
 def quantize(model: nn.Module, format: str = "nf4", *, double_quant: bool = True, group_size: int = 32,
-             targets="all-linear", exclude=(), loftq_rank: int | None = None, loftq_iter: int = 5) -> nn.Module:
+             targets="all-linear", exclude=(), loftq_rank: int | None = None, loftq_iter: int = 5,
+             embeddings: bool = False) -> nn.Module:
     """Replace ``model``'s linear layers (every one but the output head, by default) by quantized
     ones, in place; returns the model. Call it before attaching adapters.
 
@@ -70,26 +74,61 @@ def quantize(model: nn.Module, format: str = "nf4", *, double_quant: bool = True
         32 as in the QA-LoRA paper).
     loftq_rank: run LoftQ (``loftq.py``) for LoRA adapters of this rank (or less), ``loftq_iter``
         alternating steps, and attach them with ``lora[init=loftq]``.
+    embeddings: quantize the input embedding table too (``QuantizedEmbedding``), and the output
+        head: a head tied to the embeddings becomes the same quantized layer, an untied one (still
+        in full precision) a quantized layer of its own. ``targets=[]`` then quantizes only these.
+        LoftQ does not apply to them (no LoRA targets them).
     """
     _check_settings(format, double_quant, group_size, loftq_rank, loftq_iter)
+    if not isinstance(embeddings, bool):
+        raise ConfigError(f"quantize: embeddings must be true or false, got {embeddings!r}")
     state = get_state(model)
     if state is not None and state.configs:
         raise StateError(f"quantize the base model before attaching adapters; this model has {sorted(state.configs)} "
                          "(peftlab.delete them, or quantize a fresh model and load the adapters onto it)")
-    spec = QuantizeTargets(targets=targets, exclude=list(exclude))
-    spec.validate()
     build = _builder(format, double_quant, group_size)
-    linears = {name: model.get_submodule(name) for name in find_targets(model, spec, can_quantize)}
-    for name, linear in linears.items():  # all checked before any is replaced
-        if format == "int4" and linear.in_features % group_size:
-            raise ConfigError(f"quantize: group_size={group_size} does not divide the {linear.in_features} input features "
+    linears = _linear_targets(model, targets, exclude) if targets or not embeddings else {}
+    tables = _embedding_tables(model) if embeddings else {}
+    for name, width in [*((n, m.in_features) for n, m in linears.items()), *tables.items()]:  # all checked before any is replaced
+        if format == "int4" and width % group_size:
+            raise ConfigError(f"quantize: group_size={group_size} does not divide the {width} input features "
                               f"of '{name}'; choose a group size that divides every layer's input width (e.g. 32)")
     for name, linear in linears.items():
         layer = build(linear)
         if loftq_rank is not None:
             loftq(layer, linear.weight.detach(), min(loftq_rank, *layer.weight_shape), loftq_iter)
         _replace(model, name, layer)
+    if embeddings:
+        _quantize_embeddings(model, build)
     return model
+
+
+def _linear_targets(model: nn.Module, targets, exclude) -> dict:
+    spec = QuantizeTargets(targets=targets, exclude=list(exclude))
+    spec.validate()
+    return {name: model.get_submodule(name) for name in find_targets(model, spec, can_quantize)}
+
+
+def _embedding_tables(model: nn.Module) -> dict:
+    """``{name: row width}`` of the input embeddings and the output head, the tables ``embeddings=True`` quantizes."""
+    embedding, head = embedding_and_head(model)
+    names = {id(m): name for name, m in named_base_modules(model)}
+    tables = {names[id(embedding)]: embedding.embedding_dim}
+    if type(head) is nn.Linear:
+        tables[names[id(head)]] = head.in_features
+    return tables
+
+
+def _quantize_embeddings(model: nn.Module, build) -> None:
+    """The input embeddings as a ``QuantizedEmbedding``; a head tied to them becomes its table, an
+    untied full-precision head a quantized layer of its own."""
+    embedding, head = embedding_and_head(model)
+    names = {id(m): name for name, m in named_base_modules(model)}
+    quantized = QuantizedEmbedding.from_embedding(embedding, build)
+    _replace(model, names[id(embedding)], quantized)
+    if type(head) is nn.Linear:
+        tied = head.weight is embedding.weight and head.bias is None
+        _replace(model, names[id(head)], quantized.table if tied else build(head))
 
 
 def _check_settings(format, double_quant, group_size, loftq_rank, loftq_iter) -> None:
@@ -129,11 +168,20 @@ def dequantize(model: nn.Module) -> nn.Module:
     place (adapters attached stay attached and now wrap the plain layer); returns the model. Then
     ``peftlab.merge`` + ``peftlab.unload`` give a plain full-precision model."""
     trainable = get_state(model) is None  # a bare model trains in full; under adapters the base stays frozen
-    for name, module in list(named_base_modules(model)):
+    modules = list(named_base_modules(model))
+    weights = {}  # id(quantized layer) -> its dequantized weight, shared by all its places (a tied head)
+    for name, module in modules:
+        if isinstance(module, QuantizedEmbedding):
+            weights[id(module.table)] = nn.Parameter(module.dequantize(), requires_grad=trainable)
+            embedding = nn.Embedding(module.num_embeddings, module.embedding_dim, module.padding_idx, device="meta")
+            embedding.weight = weights[id(module.table)]
+            _replace(model, name, embedding.train(module.training))
+    for name, module in modules:
         if is_quantized(module):
-            weight = module.dequantize()
+            if id(module) not in weights:
+                weights[id(module)] = nn.Parameter(module.dequantize(), requires_grad=trainable)
             linear = nn.Linear(module.in_features, module.out_features, bias=False, device="meta")
-            linear.weight = nn.Parameter(weight, requires_grad=trainable)
+            linear.weight = weights[id(module)]
             linear.bias = module.bias
             linear.train(module.training)
             _replace(model, name, linear)
@@ -157,11 +205,16 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 def weight_bytes(model: nn.Module) -> dict:
     """Bytes the base model's weights take (adapters not counted; shared tensors once), and what
     the same weights take in fp32: ``total``, ``quantized`` (the quantized layers, their scales and
-    biases included), ``other`` (embeddings, norms, the head, ...), ``fp32_total``, ``fp32_quantized``."""
+    biases included; quantized embeddings and a tied head once), ``other`` (embeddings, norms, the head,
+    ... in full precision), ``fp32_total``, ``fp32_quantized``."""
     quantized = fp32_quantized = other = fp32_other = 0
     seen = set()
     for _, module in named_base_modules(model):
+        module = module.table if isinstance(module, QuantizedEmbedding) else module
         if is_quantized(module):
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
             quantized += module.stored_bytes()
             fp32_quantized += 4 * (module.in_features * module.out_features + (module.out_features if module.bias is not None else 0))
             continue
@@ -194,13 +247,19 @@ def merge_report(model: nn.Module) -> dict:
 
 def quantization_record(model: nn.Module) -> list | None:
     """How the base's layers are quantized, as ``quantize`` settings with the module names they
-    apply to (saved with adapters); None for a model in full precision."""
+    apply to (saved with adapters); None for a model in full precision. Quantized embeddings come
+    last, as ``{..., "embeddings": true, "modules": [their name]}`` (a tied head goes with them)."""
+    modules = list(named_base_modules(model))
+    embeddings = [(name, m) for name, m in modules if isinstance(m, QuantizedEmbedding)]
+    tables = {id(m.table) for _, m in embeddings}
     groups = {}
-    for name, module in named_base_modules(model):
-        if is_quantized(module):
+    for name, module in modules:
+        if is_quantized(module) and id(module) not in tables:
             settings = {**module.recipe(), **(module.loftq or {})}
             groups.setdefault(json.dumps(settings, sort_keys=True), []).append(name)
-    return [{**json.loads(key), "modules": names} for key, names in groups.items()] or None
+    record = [{**json.loads(key), "modules": names} for key, names in groups.items()]
+    record += [{**m.table.recipe(), "embeddings": True, "modules": [name]} for name, m in embeddings]
+    return record or None
 
 
 def quantize_like(model: nn.Module, record) -> nn.Module:
@@ -211,5 +270,5 @@ def quantize_like(model: nn.Module, record) -> nn.Module:
         record = read_adapter(record)[2].get("base_quantization") or []
     for entry in record:
         settings = {k: v for k, v in entry.items() if k != "modules"}
-        quantize(model, targets=entry["modules"], **settings)
+        quantize(model, targets=[] if entry.get("embeddings") else entry["modules"], **settings)
     return model

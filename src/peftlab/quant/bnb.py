@@ -58,6 +58,17 @@ class Bnb4bitLinear(QuantizedLinear, bnb.nn.Linear4bit):
     def dequantize(self) -> torch.Tensor:
         return bnb.functional.dequantize_4bit(self.weight.data, self.weight.quant_state)
 
+    def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Only the blocks of ``rows``, where no block spans two rows (the row width a multiple of 64)."""
+        if self.in_features % BLOCKSIZE:
+            return super().dequantize_rows(rows)
+        state = self.weight.quant_state
+        codes = self.weight.data.view(self.out_features, -1)[rows].reshape(-1, 1)
+        scales = block_scales(state).view(self.out_features, -1)[rows].reshape(-1)
+        picked = bnb.functional.QuantState(scales, shape=torch.Size((len(rows), self.in_features)), code=state.code,
+                                           blocksize=state.blocksize, quant_type=state.quant_type, dtype=state.dtype)
+        return bnb.functional.dequantize_4bit(codes, picked)
+
     def stored_bytes(self) -> int:
         state = self.weight.quant_state.as_dict(packed=False)
         constants = sum(v.nbytes for v in state.values() if torch.is_tensor(v))
@@ -65,6 +76,13 @@ class Bnb4bitLinear(QuantizedLinear, bnb.nn.Linear4bit):
 
     def recipe(self) -> dict:
         return {"format": self.format, "double_quant": bool(self.weight.compress_statistics)}
+
+
+def block_scales(state) -> torch.Tensor:
+    """The fp32 scale of every 4-bit block (with double quantization, dequantized from 8 bits)."""
+    if not state.nested:
+        return state.absmax
+    return bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
 
 
 class Bnb8bitLinear(QuantizedLinear, bnb.nn.Linear8bitLt):
@@ -92,6 +110,9 @@ class Bnb8bitLinear(QuantizedLinear, bnb.nn.Linear8bitLt):
 
     def dequantize(self) -> torch.Tensor:
         return self.weight.data.float() * (self.row_scales() / 127.0)[:, None]
+
+    def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.weight.data[rows].float() * (self.row_scales()[rows] / 127.0)[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":

@@ -84,6 +84,9 @@ class GroupInt4Linear(QuantizedLinear, nn.Linear):
     def dequantize(self) -> torch.Tensor:
         return dequantize_groups(self.codes(), self.scales, self.offsets)
 
+    def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return dequantize_groups(unpack(self.weight.data[rows]), self.scales[rows], self.offsets[rows])
+
     def shift_groups(self, delta: torch.Tensor) -> None:
         """Add ``delta`` (out x in/group_size: one value per group) to every weight of its group,
         exactly, by moving the group's offset; codes and scales stay as they are."""

@@ -4,6 +4,8 @@ A quantized layer is an ``nn.Linear`` subclass (so target roles, ``all-linear`` 
 ``can_wrap`` see a linear layer) that also inherits ``QuantizedLinear`` and provides:
 
 - ``dequantize()``: the weight in (out x in) layout and floating point, what the layer computes with;
+- ``dequantize_rows(rows)``: some of its rows (a quantized embedding table's lookup); by default
+  the rows of ``dequantize()``, overridden where the format makes single rows cheap;
 - ``quantize_weight(weight)``: store ``weight`` (out x in) in the layer's format, replacing what it held;
 - ``stored_bytes()``: the bytes its weight and bias take, quantization constants included;
 - ``recipe()``: the settings that quantize a weight the same way (saved with adapters).
@@ -26,6 +28,9 @@ class QuantizedLinear:
 
     def dequantize(self) -> torch.Tensor:
         raise NotImplementedError
+
+    def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.dequantize()[rows]
 
     def quantize_weight(self, weight: torch.Tensor) -> None:
         raise NotImplementedError
@@ -71,6 +76,8 @@ def parameter_shape(module, name: str, parameter: torch.Tensor) -> tuple:
     have another shape), so that a quantized model and its original look alike."""
     if name == "weight" and is_quantized(module):
         return tuple(module.weight_shape)
+    if name == "weight" and is_quantized(getattr(module, "table", None)):  # a QuantizedEmbedding (embedding.py)
+        return tuple(module.table.weight_shape)
     return tuple(parameter.shape)
 
 

@@ -13,14 +13,16 @@ arXiv:2411.09009), written with plain torch ops instead of custom kernels.
 
 ``training_loss(model, batch)`` returns the same loss as ``model(**batch).loss`` (to float
 rounding). It takes the blockwise path for the causal-LM architectures whose head is a plain
-linear layer on the last hidden state; any other model (a classifier, a head wrapped by an
-adapter, an architecture with logit soft-capping) computes its own loss as usual.
+linear layer on the last hidden state (or a quantized one: its dequantized weight, frozen); any
+other model (a classifier, a head wrapped by an adapter, an architecture with logit soft-capping)
+computes its own loss as usual.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from ..quant.layers import is_quantized
 from .data import IGNORE_INDEX
 
 # Architectures whose logits are exactly ``lm_head(last hidden state)``: no soft-capping (Gemma 2/3),
@@ -104,7 +106,8 @@ def plain_head(model: nn.Module) -> nn.Linear | None:
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
     base = getattr(model, "base_model", None)
-    if type(head) is not nn.Linear or base is None or base is model or head._forward_hooks or head._forward_pre_hooks:
+    plain = type(head) is nn.Linear or is_quantized(head)
+    if not plain or base is None or base is model or head._forward_hooks or head._forward_pre_hooks:
         return None  # an adapter or a hook on the head: let the model compute its own logits
     return head
 
@@ -119,4 +122,5 @@ def training_loss(model: nn.Module, batch: dict, chunked: bool = True) -> torch.
     hidden = model.base_model(**inputs, use_cache=False)[0]
     labels = batch["labels"]
     # position i predicts token i + 1; the last position predicts nothing
-    return linear_cross_entropy(hidden[:, :-1], head.weight, head.bias, labels[:, 1:].to(hidden.device))
+    weight = head.dequantize().detach() if is_quantized(head) else head.weight  # a quantized head stays frozen
+    return linear_cross_entropy(hidden[:, :-1], weight, head.bias, labels[:, 1:].to(hidden.device))
