@@ -102,3 +102,47 @@ def randomize_adapters(model, seed: int = 0, std: float = 0.1):
                 else:
                     p.copy_(torch.randn(p.shape, generator=g) * std)
     return model
+
+
+@pytest.fixture
+def fake_models(monkeypatch):
+    """load_model -> a tiny random Llama (same weights every call) with a char tokenizer; or a
+    tiny BERT classifier. Records every call."""
+    import peftlab.models
+    from test_tasks import char_tokenizer, tiny_llama
+
+    calls = []
+
+    def fake_load_model(name_or_path="tiny", task="causal-lm", num_labels=2, device="auto", **kwargs):
+        calls.append({"name": name_or_path, "task": task, "num_labels": num_labels})
+        tokenizer = char_tokenizer()
+        if task == "sequence-classification":
+            from transformers import BertConfig, BertForSequenceClassification
+            torch.manual_seed(0)
+            config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                num_attention_heads=4, max_position_embeddings=128, num_labels=num_labels)
+            model = BertForSequenceClassification(config).eval()
+        else:
+            model = tiny_llama(len(tokenizer))
+        model.config._name_or_path = name_or_path
+        return model, tokenizer
+
+    monkeypatch.setattr(peftlab.models, "load_model", fake_load_model)
+    return calls
+
+
+def random_lm_rows(count: int = 6, length: int = 8, seed: int = 0) -> list[dict]:
+    """Rows of random token ids over the tiny models' vocabulary, each its own label."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (count, length), generator=g)
+    return [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r} for r in ids]
+
+
+def random_lm_batches() -> list[dict]:
+    """Two batches of three ``random_lm_rows``."""
+    data = random_lm_rows()
+    return [{k: torch.stack([r[k] for r in data[i:i + 3]]) for k in data[0]} for i in (0, 3)]
+
+
+def model_loss(model, batch):
+    return model(**batch).loss

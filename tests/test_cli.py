@@ -14,31 +14,6 @@ import torch
 import peftlab
 import peftlab.models
 from peftlab import cli
-from test_tasks import char_tokenizer, tiny_llama
-
-
-@pytest.fixture
-def fake_models(monkeypatch):
-    """load_model -> a tiny random Llama (same weights every call) with a char tokenizer; or a
-    tiny BERT classifier. Records every call."""
-    calls = []
-
-    def fake_load_model(name_or_path="tiny", task="causal-lm", num_labels=2, device="auto", **kwargs):
-        calls.append({"name": name_or_path, "task": task, "num_labels": num_labels})
-        tokenizer = char_tokenizer()
-        if task == "sequence-classification":
-            from transformers import BertConfig, BertForSequenceClassification
-            torch.manual_seed(0)
-            config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                num_attention_heads=4, max_position_embeddings=128, num_labels=num_labels)
-            model = BertForSequenceClassification(config).eval()
-        else:
-            model = tiny_llama(len(tokenizer))
-        model.config._name_or_path = name_or_path
-        return model, tokenizer
-
-    monkeypatch.setattr(peftlab.models, "load_model", fake_load_model)
-    return calls
 
 
 def run(capsys, *argv):

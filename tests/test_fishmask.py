@@ -6,7 +6,9 @@ import json
 
 import pytest
 import torch
-from conftest import VOCAB, make_bert, make_gpt2, make_llama
+from conftest import make_bert, make_gpt2, make_llama, model_loss
+from conftest import random_lm_batches as batches
+from conftest import random_lm_rows as rows
 
 import peftlab
 from peftlab.core import adapters as core
@@ -16,21 +18,6 @@ from peftlab.train import CausalLMData, TrainConfig, train
 from test_train_helpers import qa_rows, tiny_llama, tiny_tokenizer
 
 SPEC = "fishmask[density=0.05]"
-
-
-def rows(count: int = 6, length: int = 8, seed: int = 0) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, VOCAB, (count, length), generator=g)
-    return [{"input_ids": r, "attention_mask": torch.ones_like(r), "labels": r} for r in ids]
-
-
-def batches() -> list[dict]:
-    data = rows()
-    return [{k: torch.stack([r[k] for r in data[i:i + 3]]) for k in data[0]} for i in (0, 3)]
-
-
-def model_loss(model, batch):
-    return model(**batch).loss
 
 
 def logits(model) -> torch.Tensor:

@@ -246,19 +246,13 @@ def test_a_merged_full_precision_model_exports_from_a_quantized_base(tmp_path):
 
 # ---- command line -----------------------------------------------------------------------------
 
-def test_cli_trains_on_a_quantized_base_and_merges_to_full_precision(tmp_path, capsys, monkeypatch):
+def test_cli_trains_on_a_quantized_base_and_merges_to_full_precision(tmp_path, capsys, fake_models):
     from test_cli import TINY, run
-    from test_tasks import char_tokenizer, tiny_llama
+    from test_tasks import char_tokenizer
     from transformers import AutoModelForCausalLM
 
     import peftlab.models
 
-    def fake_load_model(name_or_path="tiny", task="causal-lm", **kwargs):
-        model = tiny_llama(len(char_tokenizer()))
-        model.config._name_or_path = name_or_path
-        return model, char_tokenizer()
-
-    monkeypatch.setattr(peftlab.models, "load_model", fake_load_model)
     code, out, err = run(capsys, "train", "--out", tmp_path / "run", *TINY, "--quantize", "nf4", "--no-double-quant")
     assert code == 0, err
     assert "quantized the linear layers to nf4" in out
@@ -269,7 +263,7 @@ def test_cli_trains_on_a_quantized_base_and_merges_to_full_precision(tmp_path, c
     assert code == 0, err
     assert "trained on a nf4 base" in out
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
-    trained, _ = fake_load_model()
+    trained, _ = peftlab.models.load_model()
     quantize_like(trained, adapter)
     peftlab.load(trained, adapter)
     ids = torch.tensor([char_tokenizer()("To JSON: Ana paid $5.")["input_ids"]])

@@ -194,19 +194,13 @@ def test_prompt_methods_train_on_quantized_embeddings(spec):
 
 # ---- command line ---------------------------------------------------------------------------------
 
-def test_cli_quantizes_the_embeddings_trains_and_merges_to_full_precision(tmp_path, capsys, monkeypatch):
+def test_cli_quantizes_the_embeddings_trains_and_merges_to_full_precision(tmp_path, capsys, fake_models):
     from test_cli import TINY, run
-    from test_tasks import char_tokenizer, tiny_llama
+    from test_tasks import char_tokenizer
     from transformers import AutoModelForCausalLM
 
     import peftlab.models
 
-    def fake_load_model(name_or_path="tiny", task="causal-lm", **kwargs):
-        model = tiny_llama(len(char_tokenizer()))
-        model.config._name_or_path = name_or_path
-        return model, char_tokenizer()
-
-    monkeypatch.setattr(peftlab.models, "load_model", fake_load_model)
     code, out, err = run(capsys, "train", "--out", tmp_path / "run", *TINY, "--quantize", "int8", "--quantize-embeddings")
     assert code == 0, err
     assert "quantized the linear layers and the embeddings to int8" in out
@@ -216,7 +210,7 @@ def test_cli_quantizes_the_embeddings_trains_and_merges_to_full_precision(tmp_pa
     assert code == 0, err
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     assert all(p.dtype == torch.float32 for p in merged.parameters())
-    trained, _ = fake_load_model()
+    trained, _ = peftlab.models.load_model()
     peftlab.load(quantize_like(trained, adapter), adapter)
     ids = torch.tensor([char_tokenizer()("To JSON: Ana paid $5.")["input_ids"]])
     with torch.no_grad():

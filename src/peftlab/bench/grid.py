@@ -56,8 +56,9 @@ class Cell:
     @property
     def key(self) -> str:
         """Identifies the run: the same key in a results file means this cell is done. The task's
-        settings are part of it, so changing the budget runs the grid anew."""
-        settings = json.dumps(self.task.to_dict(), sort_keys=True)
+        settings and the method's learning rate are part of it, so changing the budget or a
+        method's recommended rate runs those cells anew."""
+        settings = json.dumps({**self.task.to_dict(), "lr": learning_rate(self.method, self.task)}, sort_keys=True)
         digest = hashlib.sha256(settings.encode()).hexdigest()[:10]
         return f"{self.task.name}|{self.method}|{self.seed}|{digest}"
 
