@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from conftest import make_llama
-from test_cli import TINY, fake_models, run  # noqa: F401  (fake_models: a fixture)
+from test_cli import TINY, run
 from test_method_properties import IDS, attached, base_model, batch, perturb
 
 import peftlab

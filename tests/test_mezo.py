@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import default_collate
 from conftest import VOCAB, make_llama
-from test_cli import TINY, fake_models, run  # noqa: F401  (fake_models: a fixture)
+from test_cli import TINY, run
 from test_method_properties import attached
 from test_train_helpers import tiny_llama
 from test_train_resume import Killed, Sabotaged, data, trainable
