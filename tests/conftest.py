@@ -146,3 +146,42 @@ def random_lm_batches() -> list[dict]:
 
 def model_loss(model, batch):
     return model(**batch).loss
+
+
+class Killed(Exception):
+    pass
+
+
+def dies_at_forward(model, call: int) -> None:
+    """Make the backbone's forward number ``call`` raise, as if the process were killed there."""
+    calls = []
+
+    def hook(module, args):
+        calls.append(1)
+        if len(calls) == call:
+            raise Killed(f"killed at forward {call}")
+
+    model.base_model.register_forward_pre_hook(hook)
+
+
+def peft_logits(factory, folder, ids):
+    """Logits of ``factory()`` with the adapter in ``folder`` loaded by HF PEFT."""
+    import warnings
+
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = peft.PeftModel.from_pretrained(factory(), str(folder)).eval()
+    return logits(model, ids)
+
+
+def assert_peft_adapter_loads_and_goes_back(factory, folder, ids, expected):
+    """The HF PEFT adapter in ``folder`` gives ``expected`` in peftlab, and peftlab's save of it
+    gives ``expected`` in HF PEFT again."""
+    import peftlab
+
+    ours = peftlab.load(factory(), folder)
+    torch.testing.assert_close(logits(ours, ids), expected, rtol=0, atol=1e-5)
+    peftlab.save(ours, folder / "again")
+    torch.testing.assert_close(peft_logits(factory, folder / "again", ids), expected, rtol=0, atol=1e-5)

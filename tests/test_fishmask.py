@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_bert, make_gpt2, make_llama, model_loss
+from conftest import Killed, dies_at_forward, make_bert, make_gpt2, make_llama, model_loss
 from conftest import random_lm_batches as batches
 from conftest import random_lm_rows as rows
 
@@ -149,22 +149,6 @@ def test_calibration_without_usable_batches_is_a_clear_error():
     with pytest.raises(peftlab.StateError, match="no example with a finite loss"):
         core.calibrate(model, [{"input_ids": batches()[0]["input_ids"]}], model_loss)  # no labels: no loss
     assert all(not p.requires_grad for n, p in model.named_parameters() if "values" not in n)
-
-
-class Killed(Exception):
-    pass
-
-
-def dies_at_forward(model, call: int) -> None:
-    """Make the backbone's forward number ``call`` raise, as if the process were killed there."""
-    calls = []
-
-    def hook(module, args):
-        calls.append(1)
-        if len(calls) == call:
-            raise Killed(f"killed at forward {call}")
-
-    model.base_model.register_forward_pre_hook(hook)
 
 
 def test_resume_after_a_kill_keeps_the_calibrated_mask_and_is_exact(tmp_path):

@@ -10,7 +10,7 @@ import peft
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import logits, make_bert, make_gpt2, make_llama
+from conftest import assert_peft_adapter_loads_and_goes_back, logits, make_bert, make_gpt2, make_llama, peft_logits
 
 import peftlab
 from peftlab.core.layer import AdapterLayer
@@ -122,13 +122,6 @@ def test_bad_feedforward_setting_is_a_config_error():
 
 # ---- HF PEFT interop --------------------------------------------------------------------------
 
-def _peft_logits(factory, folder, ids):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = peft.PeftModel.from_pretrained(factory(), str(folder)).eval()
-    return logits(model, ids)
-
-
 OURS = [
     ("llama", make_llama, "ia3"),
     ("bert", make_bert, "ia3[modules_to_save=[classifier]]"),  # peft's SEQ_CLS models always load a head
@@ -145,7 +138,7 @@ def test_peftlab_ia3_loads_in_peft(label, factory, spec, ids, tmp_path):
     peftlab.save(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["peft_type"] == "IA3" and set(config["feedforward_modules"]) <= set(config["target_modules"])
-    torch.testing.assert_close(_peft_logits(factory, tmp_path, ids), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(peft_logits(factory, tmp_path, ids), expected, rtol=0, atol=1e-5)
 
 
 PEFTS = [
@@ -166,10 +159,7 @@ def test_peft_ia3_loads_in_peftlab(label, factory, kwargs, ids, tmp_path):
         expected = logits(theirs, ids)
         theirs.save_pretrained(str(tmp_path))
     assert not torch.allclose(expected, logits(factory(), ids), atol=1e-3), "the adapter should matter"
-    ours = peftlab.load(factory(), tmp_path)
-    torch.testing.assert_close(logits(ours, ids), expected, rtol=0, atol=1e-5)
-    peftlab.save(ours, tmp_path / "again")  # and back again
-    torch.testing.assert_close(_peft_logits(factory, tmp_path / "again", ids), expected, rtol=0, atol=1e-5)
+    assert_peft_adapter_loads_and_goes_back(factory, tmp_path, ids, expected)
 
 
 def test_feedforward_modules_that_contradict_the_vectors_are_a_format_error(tmp_path):

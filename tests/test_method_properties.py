@@ -144,14 +144,16 @@ def test_a_training_step_changes_only_the_methods_parameters(method, arch):
     assert all(id(p) in mine for n, p in model.named_parameters() if n in changed), sorted(changed)
 
 
+def train_a_few_steps(model, arch: str = "llama", lr: float = 1e-2):
+    """12 full-batch steps at a constant rate on the 4 rows of ``batch(arch)``."""
+    rows = [{k: v[i] for k, v in batch(arch, seed=0).items()} for i in range(4)]
+    return train(model, rows, TrainConfig(lr=lr, steps=12, batch_size=4, warmup_steps=0, schedule="constant",
+                                          progress=False, device="cpu"))
+
+
 @IDS
 def test_a_few_steps_lower_the_loss(method, arch):
-    model = attached(method, arch)
-    data = [batch(arch, seed=0)]
-    rows = [{k: v[i] for k, v in data[0].items()} for i in range(4)]
-    lr = getattr(METHODS[method], "DEFAULT_LR", 1e-2)
-    result = train(model, rows, TrainConfig(lr=lr, steps=12, batch_size=4, warmup_steps=0, schedule="constant",
-                                            progress=False, device="cpu"))
+    result = train_a_few_steps(attached(method, arch), arch, getattr(METHODS[method], "DEFAULT_LR", 1e-2))
     assert result.losses[-1] < result.losses[0] * 0.97, result.losses
 
 

@@ -7,14 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_llama
-from test_method_properties import batch, outputs, perturb
+from test_method_properties import outputs, perturb, train_a_few_steps
 from torch import nn
 
 import peftlab
 from peftlab.core import adapters as core
 from peftlab.quant import merge_report
 from peftlab.quant.int4 import GroupInt4Linear, pack, quantize_groups, unpack
-from peftlab.train import TrainConfig, train
 
 GROUP = 16
 
@@ -93,9 +92,7 @@ def test_group_size_errors_are_clear():
 
 def test_qalora_trains_on_an_int4_base():
     model = int4_llama()
-    rows = [{k: v[i] for k, v in batch("llama").items()} for i in range(4)]
-    result = train(model, rows, TrainConfig(lr=1e-2, steps=12, batch_size=4, warmup_steps=0, schedule="constant",
-                                            progress=False, device="cpu"))
+    result = train_a_few_steps(model)
     assert result.losses[-1] < result.losses[0] * 0.95, result.losses
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_llama, randomize_adapters
-from test_method_properties import batch, outputs, perturb, spec_of
+from test_method_properties import batch, outputs, perturb, train_a_few_steps, spec_of
 from torch import nn
 
 import peftlab
@@ -17,7 +17,6 @@ from peftlab.core.layer import AdapterLayer
 from peftlab.formats.io import fingerprint, read_adapter
 from peftlab.methods import METHODS
 from peftlab.quant import dequantize, is_quantized, merge_report, quantization_record, quantize_like, weight_bytes
-from peftlab.train import TrainConfig, train
 
 pytest.importorskip("bitsandbytes")
 
@@ -167,9 +166,7 @@ def test_pissa_refuses_a_quantized_base_clearly():
 def test_qlora_trains_saves_and_loads_onto_a_freshly_quantized_base(tmp_path):
     model = quantized_llama("nf4")
     peftlab.attach(model, "lora[r=4,alpha=8]")
-    rows = [{k: v[i] for k, v in batch("llama").items()} for i in range(4)]
-    result = train(model, rows, TrainConfig(lr=1e-2, steps=12, batch_size=4, warmup_steps=0, schedule="constant",
-                                            progress=False, device="cpu"))
+    result = train_a_few_steps(model)
     assert result.losses[-1] < result.losses[0] * 0.95, result.losses
     model.eval()
     expected = outputs(model, "llama")

@@ -7,14 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_gpt2, make_llama
-from test_method_properties import batch, outputs, perturb
+from test_method_properties import batch, outputs, perturb, train_a_few_steps
 from torch import nn
 
 import peftlab
 from peftlab.formats.io import fingerprint, read_adapter
 from peftlab.quant import QuantizedEmbedding, dequantize, is_quantized, quantization_record, quantize_like, weight_bytes
 from peftlab.quant import _builder as builder
-from peftlab.train import TrainConfig, train
 from peftlab.train.loss import plain_head, training_loss
 
 pytest.importorskip("bitsandbytes")
@@ -135,9 +134,7 @@ def test_an_adapter_on_the_tied_quantized_head_cannot_be_merged():
 
 def test_qlora_trains_with_quantized_embeddings_and_reloads_onto_a_freshly_quantized_base(tmp_path):
     model = peftlab.attach(quantized(make_llama()), "lora[r=4,alpha=8]")
-    rows = [{k: v[i] for k, v in batch("llama").items()} for i in range(4)]
-    result = train(model, rows, TrainConfig(lr=1e-2, steps=12, batch_size=4, warmup_steps=0, schedule="constant",
-                                            progress=False, device="cpu"))
+    result = train_a_few_steps(model)
     assert result.losses[-1] < result.losses[0] * 0.95, result.losses
     model.eval()
     expected = outputs(model, "llama")

@@ -9,7 +9,7 @@ from functools import partial
 import peft
 import pytest
 import torch
-from conftest import HIDDEN, VOCAB, logits, make_bert, make_llama
+from conftest import HIDDEN, VOCAB, assert_peft_adapter_loads_and_goes_back, logits, make_bert, make_llama, peft_logits
 
 import peftlab
 from peftlab.core.layer import AdapterLayer
@@ -101,13 +101,6 @@ def test_ln_tuning_changes_only_norm_parameters(arch):
     assert not new and changed and changed <= norms, sorted(changed - norms)
 
 
-def _peft_logits(factory, folder, ids):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = peft.PeftModel.from_pretrained(factory(), str(folder)).eval()
-    return logits(model, ids)
-
-
 def _move(model, words=("ln_tuning", "adapters."), seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -125,7 +118,7 @@ def test_peftlab_ln_tuning_loads_in_peft(factory, spec, ids, tmp_path):
     expected = logits(model, ids)
     assert not torch.allclose(expected, logits(factory(), ids), atol=1e-3), "the adapter should matter"
     peftlab.save(model, tmp_path)
-    torch.testing.assert_close(_peft_logits(factory, tmp_path, ids), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(peft_logits(factory, tmp_path, ids), expected, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("factory,kwargs", [(make_llama, dict(task_type="CAUSAL_LM")),
@@ -138,10 +131,7 @@ def test_peft_ln_tuning_loads_in_peftlab(factory, kwargs, ids, tmp_path):
         expected = logits(theirs, ids)
         theirs.save_pretrained(str(tmp_path))
     assert not torch.allclose(expected, logits(factory(), ids), atol=1e-3), "the adapter should matter"
-    ours = peftlab.load(factory(), tmp_path)
-    torch.testing.assert_close(logits(ours, ids), expected, rtol=0, atol=1e-5)
-    peftlab.save(ours, tmp_path / "again")  # and back again
-    torch.testing.assert_close(_peft_logits(factory, tmp_path / "again", ids), expected, rtol=0, atol=1e-5)
+    assert_peft_adapter_loads_and_goes_back(factory, tmp_path, ids, expected)
 
 
 # ---- select -----------------------------------------------------------------------------------
