@@ -42,6 +42,25 @@ def test_data_order_is_a_seeded_permutation_per_epoch():
     assert DataOrder(5, seed=4).take(0, 15) != stream
 
 
+def test_length_grouped_order_pads_less_and_still_covers_each_row_once_per_epoch():
+    lengths = [int(x) for x in torch.randint(1, 60, (400,), generator=torch.Generator().manual_seed(0))]
+    grouped, plain = DataOrder(400, 1, lengths, batch_size=8), DataOrder(400, 1)
+    stream = grouped.take(0, 800)
+    assert sorted(stream[:400]) == sorted(stream[400:]) == list(range(400))
+
+    def padded(order):  # tokens after padding each batch of 8 to its longest row
+        return sum(8 * max(lengths[i] for i in order.take(p, 8)) for p in range(0, 400, 8))
+
+    assert padded(grouped) < 0.6 * padded(plain)
+    assert DataOrder(400, 1, lengths, batch_size=8).take(123, 40) == stream[123:163]  # resume is exact
+    assert grouped.take(0, 400) != sorted(range(400), key=lambda i: -lengths[i])  # sorted within windows only
+
+
+def test_group_by_length_needs_token_rows():
+    with pytest.raises(ConfigError, match="group_by_length needs rows"):
+        train(torch.nn.Linear(2, 2), [torch.zeros(2)], quiet(group_by_length=True))
+
+
 def test_a_short_run_learns_and_touches_only_adapter_weights():
     torch.manual_seed(0)
     model = tiny_llama().eval()

@@ -26,7 +26,7 @@ from .grid import FULL, HF, learning_rate
 from .tasks import Task, classification_metric, final_number
 
 LATENCY_ROWS = 32
-LATENCY_REPEATS = 5
+LATENCY_REPEATS = 3
 
 
 def run_cell(cell: dict) -> dict:
@@ -61,7 +61,8 @@ def run_cell(cell: dict) -> dict:
 
     steps = task.total_steps
     config = TrainConfig(lr=learning_rate(method, task), steps=steps, batch_size=task.batch_size,
-                         warmup_steps=max(1, steps // 10), schedule="linear", seed=seed, progress=False, device="cpu")
+                         warmup_steps=max(1, steps // 10), schedule="linear", seed=seed, progress=False, device="cpu",
+                         group_by_length=task.group_by_length)
     result = {"key": cell["key"], "task": task.name, "method": method, "seed": seed, "lr": config.lr, "steps": steps,
               "trainable_params": trainable, "total_params": total, "trainable_percent": 100.0 * trainable / total}
     try:

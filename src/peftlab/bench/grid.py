@@ -25,7 +25,9 @@ from .tasks import TASKS, Task
 
 FULL = "full"
 HF = "hf:"
-FULL_LR = {"classification": 5e-5, "causal-lm": 2e-5}  # full fine-tuning's usual rates for these model sizes
+# Full fine-tuning's rates: 1e-4 for the 22M-parameter MiniLM at a one-epoch budget (it beat 5e-5 on
+# SST-2: 0.798 vs 0.788 dev accuracy, seed 0); the usual 2e-5 for the 135M causal LM.
+FULL_LR = {"classification": 1e-4, "causal-lm": 2e-5}
 FALLBACK_LR = 1e-3  # a method file without DEFAULT_LR (the LoRA family: 1e-3 is the common choice)
 TWINS = ("lora", "dora", "ia3", "prompt", "prefix", "ptuning", "adalora", "ln_tuning")
 SKIPPED = {"fusion": "fuses adapters that must be trained first; benchmark it from trained adapters"}

@@ -12,7 +12,7 @@ OPTIMIZERS = ("adamw", "mezo")
 # Settings that decide the exact sequence of updates; a resume with different values cannot
 # reproduce the uninterrupted run, so it warns.
 TRAJECTORY_KEYS = ("lr", "steps", "batch_size", "grad_accum", "warmup_steps", "schedule", "weight_decay",
-                   "max_grad_norm", "seed", "chunked_loss", "optimizer", "mezo_eps")
+                   "max_grad_norm", "seed", "chunked_loss", "optimizer", "mezo_eps", "group_by_length")
 
 
 @dataclass
@@ -32,7 +32,9 @@ class TrainConfig:
     them (less memory, about one more forward of compute; ``checkpointing.py``); optimizer: "adamw",
     or "mezo" (zeroth-order, forward passes only, no gradients or optimizer state: ``mezo.py``; it wants
     a much smaller lr and many more steps, e.g. 1e-4 for LoRA, 1e-6 for full weights, and ignores
-    max_grad_norm); mezo_eps: MeZO's perturbation scale."""
+    max_grad_norm); mezo_eps: MeZO's perturbation scale; group_by_length: batch rows of similar
+    length together (within windows of 50 batches of a random order), so short rows are not padded
+    to long ones: the same data, a fraction of the padding (``loop.DataOrder``)."""
 
     lr: float = 2e-3
     steps: int = 120
@@ -54,6 +56,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     optimizer: str = "adamw"
     mezo_eps: float = 1e-3
+    group_by_length: bool = False
 
     def __post_init__(self):
         if self.out_dir is not None:

@@ -27,7 +27,7 @@ from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
 from ..core import adapters as core
-from ..errors import StateError, TrainingError
+from ..errors import ConfigError, StateError, TrainingError
 from ..models import resolve_device
 from .checkpoint import capture_rng, checkpoint_folder, has_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from .checkpointing import gradient_checkpointing
@@ -57,7 +57,8 @@ def train(model: torch.nn.Module, data, cfg: TrainConfig | None = None, eval_fn=
     params = trainable_parameters(model)
     saved = {**params, **adapter_buffers(model)}  # what a checkpoint holds besides the optimizer
     optimizer = make_optimizer(params, cfg)
-    order = DataOrder(len(data), cfg.seed)
+    order = DataOrder(len(data), cfg.seed, row_lengths(data) if cfg.group_by_length else None,
+                      cfg.batch_size)
     collate = getattr(data, "collate", None) or default_collate
     run = start_or_resume(cfg, saved, optimizer)
     if run.resumed_from is None:
@@ -288,10 +289,18 @@ class DataOrder:
 
     Position ``p`` is row ``perm(p // n)[p % n]``, a pure function of (seed, p), so the position
     alone restores the data order exactly on resume, and a batch may straddle two epochs.
+
+    With ``lengths`` (``group_by_length``), each epoch's permutation is cut into windows of
+    ``GROUP_WINDOW`` batches and each window is sorted longest first, so a batch holds rows of
+    similar length and pads little (the idea of Hugging Face Trainer's length-grouped sampler).
+    The windows still come in random order of their rows, so the data mix stays random.
     """
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed = n, seed
+    GROUP_WINDOW = 50
+
+    def __init__(self, n: int, seed: int, lengths: list | None = None, batch_size: int = 1):
+        self.n, self.seed, self.lengths = n, seed, lengths
+        self.window = self.GROUP_WINDOW * batch_size
         self._epoch, self._perm = -1, None
 
     def take(self, position: int, count: int) -> list[int]:
@@ -300,8 +309,21 @@ class DataOrder:
     def _permutation(self, epoch: int) -> list[int]:
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=generator).tolist()
+            perm = torch.randperm(self.n, generator=generator).tolist()
+            if self.lengths is not None:
+                perm = [i for start in range(0, self.n, self.window)
+                        for i in sorted(perm[start:start + self.window], key=lambda i: -self.lengths[i])]
+            self._epoch, self._perm = epoch, perm
         return self._perm
+
+
+def row_lengths(data) -> list[int]:
+    """Tokens per row, for length-grouped batches (rows are dicts with ``input_ids``)."""
+    rows = [data[i] for i in range(len(data))]
+    if not all(isinstance(row, dict) and "input_ids" in row for row in rows):
+        raise ConfigError("group_by_length needs rows with 'input_ids' (CausalLMData and ClassificationData "
+                          "have them); turn it off for this data")
+    return [len(row["input_ids"]) for row in rows]
 
 
 def accumulate_gradients(model, data, collate, order: DataOrder, position: int, cfg: TrainConfig,
