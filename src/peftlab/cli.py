@@ -149,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .bench import add_parser as add_bench_parser
     add_bench_parser(commands)
+    from .serve import add_parsers as add_serve_parsers
+    add_serve_parsers(commands)
     return parser
 
 

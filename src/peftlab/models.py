@@ -172,6 +172,21 @@ def load_model(name_or_path: str = "smollm2-135m", task: str = "causal-lm", num_
     return model, tokenizer
 
 
+def load_tokenizer(name_or_path: str = "smollm2-135m"):
+    """The tokenizer of a model (built-in name, folder or hub name), without its weights."""
+    from transformers import AutoTokenizer
+
+    name = canonical_name(name_or_path)
+    try:
+        with _quiet_loading(True):
+            if name == "smollm2-135m":
+                with _faster_gguf():
+                    return AutoTokenizer.from_pretrained(smollm2_folder(), gguf_file=SMOLLM2_GGUF)
+            return AutoTokenizer.from_pretrained(minilm_folder() if name == "minilm" else name_or_path)
+    except (OSError, ValueError) as error:
+        raise PeftlabError(f"could not load the tokenizer of {name_or_path!r}: {str(error).strip()[:200]}") from None
+
+
 def _load(auto, name, name_or_path, task, dtype, extra):
     from transformers import AutoTokenizer
 

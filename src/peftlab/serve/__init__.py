@@ -1,0 +1,131 @@
+"""``peftlab serve``: one base model, many LoRA adapters, mixed in every batch, behind an
+OpenAI-compatible HTTP API; and ``peftlab loadtest`` to measure it (or any OpenAI-compatible server).
+
+    peftlab serve --base smollm2 --adapter sql=runs/sql --adapter json=runs/json --port 8000
+    curl localhost:8000/v1/completions -d '{"model": "sql", "prompt": "...", "max_tokens": 32}'
+    peftlab loadtest --url http://localhost:8000 --adapters 16 --rate 4 --duration 60
+
+Pieces: ``runner.py`` (the decoder, stepped with a per-sequence KV cache), ``lora_bank.py``
+(adapter slots, the CPU cache, the mixed-batch LoRA delta), ``engine.py`` (continuous batching),
+``app.py`` (the HTTP API), ``metrics.py`` (Prometheus), ``loadtest.py`` (the load generator).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import ConfigError
+
+
+def build_server(base: str, adapters: dict, *, max_loras: int = 16, max_cpu_loras: int = 64, max_lora_rank: int = 16,
+                 max_batch: int = 32, max_queue: int = 256, max_prompt_tokens: int = 1024, max_tokens_limit: int = 512,
+                 keys: dict | None = None, adapter_root: str | None = None, device: str = "cpu", model=None,
+                 tokenizer=None, drain_seconds: float = 60.0, engine: str = "peftlab"):
+    """(app, engine): the FastAPI app and its engine (started by the app's lifespan), with
+    ``adapters`` (``{name: folder}``) registered and checked up front. ``engine`` is peftlab's
+    continuous-batching engine, or a baseline over HF PEFT (``peft-mixed``, ``peft-swap``;
+    ``baselines.py``) behind the same API, for ``peftlab loadtest`` to compare."""
+    from ..formats.io import fingerprint
+    from ..models import load_model
+    from ..tasks.generation import stop_token_ids
+    from .app import Settings, check_name, create_app, ApiError
+    from .engine import Engine
+    from .lora_bank import LoraBank
+    from .metrics import ServerMetrics
+    from .runner import DecoderRunner
+
+    if model is None:
+        model, tokenizer = load_model(base, device=device)
+    base_name = Path(base).name if Path(base).exists() else base
+    for name in adapters:
+        try:
+            check_name(name, base_name)
+        except ApiError as error:
+            raise ConfigError(f"--adapter {name}: {error.message.replace(chr(39) + 'lora_name' + chr(39), 'the name')}") from None
+    context = int(getattr(model.config, "max_position_embeddings", 2048) or 2048)
+    metrics = ServerMetrics()
+    stop_ids = stop_token_ids(model, tokenizer)
+    if engine != "peftlab":
+        from .baselines import PeftAdapters, StaticBatchEngine
+
+        bank = PeftAdapters(model)
+        for name, folder in adapters.items():
+            bank.register(name, folder)
+        server = StaticBatchEngine(bank, tokenizer, stop_ids, engine, max_batch=max_batch, max_queue=max_queue,
+                                   max_context=context, metrics=metrics, base_name=base_name)
+    else:
+        bank = LoraBank(model, max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_rank=max_lora_rank,
+                        base_fingerprint=fingerprint(model))
+        for name, folder in adapters.items():
+            bank.register(name, folder)
+        runner = DecoderRunner(model, max_sequences=max_batch, capacity=min(256, context))
+        server = Engine(runner, bank, tokenizer, stop_ids, max_batch=max_batch, max_queue=max_queue,
+                        max_context=context, metrics=metrics, base_name=base_name)
+    settings = Settings(base_name, keys=keys, adapter_root=adapter_root, max_prompt_tokens=max_prompt_tokens,
+                        max_tokens_limit=max_tokens_limit, drain_seconds=drain_seconds)
+    return create_app(server, settings, metrics), server
+
+
+def require_serving_packages() -> None:
+    import importlib.util
+
+    missing = [p for p in ("fastapi", "uvicorn", "httpx") if importlib.util.find_spec(p) is None]
+    if missing:
+        raise ConfigError(f"serving needs {', '.join(missing)}: pip install 'peftlab[serve]'")
+
+
+def add_parsers(commands) -> None:
+    serve = commands.add_parser(
+        "serve", help="serve a base model and many LoRA adapters behind an OpenAI-compatible API",
+        description="Serve one base model with many LoRA adapters, mixed in every batch (continuous batching). "
+                    "The request's 'model' names the adapter; the base model's name means no adapter.")
+    serve.add_argument("--base", default="smollm2-135m", help="base model: a built-in name, a folder or a hub name")
+    serve.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="an adapter to serve; repeatable")
+    serve.add_argument("--adapter-root", help="allow POST /v1/load_lora_adapter, for folders under this one only")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-loras", type=int, default=16, help="distinct adapters in one batch (resident slots)")
+    serve.add_argument("--max-cpu-loras", type=int, default=64, help="adapters kept in memory; the rest load from disk")
+    serve.add_argument("--max-lora-rank", type=int, default=16, help="the largest adapter rank accepted")
+    serve.add_argument("--max-batch", type=int, default=32, help="requests in the running batch")
+    serve.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
+    serve.add_argument("--max-prompt-tokens", type=int, default=1024)
+    serve.add_argument("--max-tokens-limit", type=int, default=512, help="the largest max_tokens a request may ask")
+    serve.add_argument("--api-key", help="require this key (Authorization: Bearer KEY) for every adapter; "
+                                         "or set PEFTLAB_API_KEY")
+    serve.add_argument("--api-keys", metavar="FILE", help="JSON/YAML file mapping each key to the adapters it may use")
+    serve.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    serve.add_argument("--device", default="cpu")
+    serve.add_argument("--engine", default="peftlab", choices=("peftlab", "peft-mixed", "peft-swap"),
+                       help="peftlab's continuous batching, or a static-batch HF PEFT baseline (for loadtest)")
+    serve.set_defaults(func=run_serve)
+
+    from .loadtest import add_parser as add_loadtest_parser
+    add_loadtest_parser(commands)
+
+
+def run_serve(args) -> int:
+    import torch
+
+    require_serving_packages()
+    import uvicorn
+
+    from .app import read_keys
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    adapters = {}
+    for item in args.adapter:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise ConfigError(f"--adapter takes NAME=DIR, got {item!r}")
+        if name in adapters:
+            raise ConfigError(f"--adapter {name} is given twice")
+        adapters[name] = folder
+    app, engine = build_server(
+        args.base, adapters, max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, max_lora_rank=args.max_lora_rank,
+        max_batch=args.max_batch, max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens,
+        max_tokens_limit=args.max_tokens_limit, keys=read_keys(args.api_keys, args.api_key),
+        adapter_root=args.adapter_root, device=args.device, engine=args.engine)
+    print(f"serving {args.base} with {len(adapters)} adapter(s) on http://{args.host}:{args.port}/v1", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=60)
+    return 0

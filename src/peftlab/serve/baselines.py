@@ -1,0 +1,235 @@
+"""The baselines ``peftlab loadtest`` measures the engine against, behind the same HTTP API.
+
+Both run HF PEFT's own multi-adapter inference the way a simple server would, with static
+batches in arrival order (FIFO): a batch is formed from the queue, generated to the end of its
+longest request, and only then is the next batch formed.
+
+- ``peft-mixed``: up to ``max_batch`` requests of any adapters in one batch, through
+  ``generate(adapter_names=[...])`` (PEFT's mixed-adapter batches).
+- ``peft-swap``: the batch takes the first waiting request's adapter and the waiting requests
+  of that same adapter; ``set_adapter`` switches between batches.
+
+Tokens stream as ``generate`` produces them (a stopping criterion sees each step), so time to
+first token is measured fairly; a request that reached its length waits, finished, for its batch.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+import torch
+
+from ..errors import ConfigError, StateError
+from .engine import QueueFull, ShuttingDown
+
+BASE = "__base__"  # PEFT's name for base-model rows in adapter_names
+MODES = ("peft-mixed", "peft-swap")
+
+
+class PeftAdapters:
+    """The bank interface of the app (names, register, unregister, residency) over a PeftModel."""
+
+    def __init__(self, model):
+        self.model = model
+        self.lock = threading.RLock()
+        self.paths = {}
+        self.stats = {"slot_hits": 0, "cpu_hits": 0, "disk_loads": 0}
+        self.in_use = {}
+
+    def names(self) -> list:
+        with self.lock:
+            return list(self.paths)
+
+    def register(self, name: str, path) -> None:
+        from peft import PeftModel
+
+        with self.lock:
+            if name in self.paths:
+                raise ConfigError(f"an adapter named {name!r} is already loaded")
+            if not isinstance(self.model, PeftModel):
+                self.model = PeftModel.from_pretrained(self.model, str(path), adapter_name=name)
+            else:
+                self.model.load_adapter(str(path), adapter_name=name)
+            self.paths[name] = str(path)
+            self.stats["disk_loads"] += 1
+
+    def unregister(self, name: str) -> None:
+        with self.lock:
+            if name not in self.paths:
+                raise KeyError(name)
+            if self.in_use.get(name):
+                raise StateError(f"adapter {name!r} is in use")
+            self.model.delete_adapter(name)
+            del self.paths[name]
+
+    def residency(self) -> dict:
+        with self.lock:
+            return {"slots": len(self.paths), "cpu": len(self.paths), "in_use": sum(1 for v in self.in_use.values() if v),
+                    "registered": len(self.paths)}
+
+
+class StaticBatchEngine:
+    """The engine interface of the app (submit, start, stop, busy, load) with static FIFO batches."""
+
+    def __init__(self, bank: PeftAdapters, tokenizer, stop_ids, mode: str, *, max_batch: int = 32, max_queue: int = 256,
+                 max_context: int = 2048, metrics=None, base_name: str = "base"):
+        if mode not in MODES:
+            raise ConfigError(f"unknown baseline {mode!r}; choose from {', '.join(MODES)}")
+        self.bank, self.tokenizer, self.mode = bank, tokenizer, mode
+        self.stop_ids = set(stop_ids)
+        self.max_batch, self.max_queue, self.max_context = max_batch, max_queue, max_context
+        self.metrics, self.base_name = metrics, base_name
+        self.queue = deque()
+        self.running = []
+        self.condition = threading.Condition()
+        self.accepting, self.stopping = True, False
+        self.thread = None
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def start(self):
+        self.thread = threading.Thread(target=self._loop, name=f"{self.mode}-engine", daemon=True)
+        self.thread.start()
+        return self
+
+    def submit(self, request) -> None:
+        with self.condition:
+            if not self.accepting:
+                raise ShuttingDown("the server is shutting down and takes no new requests")
+            if len(self.queue) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} waiting requests)")
+            self.queue.append(request)
+            self.condition.notify()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        with self.condition:
+            self.accepting = False
+        deadline = time.perf_counter() + timeout
+        while self.busy() and time.perf_counter() < deadline:
+            time.sleep(0.02)
+        with self.condition:
+            self.stopping = True
+            self.condition.notify()
+        if self.thread:
+            self.thread.join(timeout=10)
+
+    def busy(self) -> bool:
+        with self.condition:
+            return bool(self.queue or self.running)
+
+    def load(self) -> dict:
+        with self.condition:
+            return {"waiting": len(self.queue), "running": len(self.running)}
+
+    def _loop(self) -> None:
+        while True:
+            with self.condition:
+                while not (self.queue or self.stopping):
+                    self.condition.wait()
+                if self.stopping:
+                    return
+                self.running = self._next_batch()
+            try:
+                if self.running:
+                    self._generate(self.running)
+            except Exception as error:
+                for request in self.running:
+                    if request.finish_reason is None:
+                        request.on_event({"error": f"{type(error).__name__}: {error}"})
+            finally:
+                for request in self.running:
+                    self.bank.in_use[request.adapter] = self.bank.in_use.get(request.adapter, 1) - 1
+                with self.condition:
+                    self.running = []
+
+    def _next_batch(self) -> list:
+        live = [r for r in self.queue if not r.cancelled]
+        if self.mode == "peft-mixed":
+            batch = live[: self.max_batch]
+        else:
+            adapter = live[0].adapter if live else None
+            batch = [r for r in live if r.adapter == adapter][: self.max_batch]
+        chosen = set(map(id, batch))
+        self.queue = deque(r for r in self.queue if id(r) not in chosen and not r.cancelled)
+        for request in batch:
+            self.bank.in_use[request.adapter] = self.bank.in_use.get(request.adapter, 0) + 1
+        return batch
+
+    @torch.inference_mode()
+    def _generate(self, batch: list) -> None:
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        model = self.bank.model
+        now = time.perf_counter()
+        for request in batch:
+            request.admitted = now
+        width = max(len(r.prompt_ids) for r in batch)
+        ids = torch.tensor([[self.pad_id] * (width - len(r.prompt_ids)) + r.prompt_ids for r in batch])
+        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in batch])
+        engine = self
+
+        class Stream(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.tensor([engine._step(r, int(input_ids[i, -1])) for i, r in enumerate(batch)])
+
+        options = dict(input_ids=ids, attention_mask=mask, max_new_tokens=max(r.max_tokens for r in batch),
+                       do_sample=False, stopping_criteria=StoppingCriteriaList([Stream()]), pad_token_id=self.pad_id,
+                       eos_token_id=None)
+        if self.mode == "peft-mixed":
+            options["adapter_names"] = [r.adapter or BASE for r in batch]
+            model.generate(**options)
+        else:
+            adapter = batch[0].adapter
+            if adapter is None:
+                with model.disable_adapter():
+                    model.generate(**options)
+            else:
+                model.set_adapter(adapter)
+                model.generate(**options)
+        for request in batch:
+            if request.finish_reason is None:
+                self._finish(request, "length")
+
+    def _step(self, request, token: int) -> bool:
+        """One new token of ``request``; True once the request is finished."""
+        if request.finish_reason is not None:
+            return True
+        now = time.perf_counter()
+        if request.first_token is None:
+            request.first_token = now
+        if request.cancelled:
+            request.finish_reason = "cancelled"
+            return True
+        if token in self.stop_ids and not request.ignore_eos:
+            self._finish(request, "stop")
+            return True
+        request.output_ids.append(token)
+        text = self.tokenizer.decode(request.output_ids, skip_special_tokens=True)
+        for stop in request.stop:
+            at = text.find(stop)
+            if at >= 0:
+                self._emit(request, text[:at])
+                self._finish(request, "stop")
+                return True
+        hold = max((len(s) - 1 for s in request.stop), default=0)
+        self._emit(request, text[: max(len(text) - hold, request.emitted)].rstrip("\ufffd"))
+        if len(request.output_ids) >= request.max_tokens:
+            self._emit(request, text)
+            self._finish(request, "length")
+            return True
+        return False
+
+    def _emit(self, request, text: str) -> None:
+        if len(text) > request.emitted:
+            request.on_event({"text": text[request.emitted:]})
+            request.emitted = len(text)
+
+    def _finish(self, request, reason: str) -> None:
+        request.finish_reason = reason
+        request.on_event({"done": reason, "prompt_tokens": len(request.prompt_ids),
+                          "completion_tokens": len(request.output_ids)})
+        if self.metrics:
+            label = request.adapter or self.base_name
+            self.metrics.requests.inc(adapter=label, outcome="ok")
+            self.metrics.output_tokens.inc(len(request.output_ids), adapter=label)
+            self.metrics.ttft.observe(request.first_token - request.arrived, adapter=label)

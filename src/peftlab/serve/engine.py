@@ -1,0 +1,302 @@
+"""The serving engine: continuous batching of requests for many adapters on one base model.
+
+One thread runs the loop; HTTP handlers ``submit`` requests and receive their tokens through
+each request's ``on_event`` callback. Every iteration (Orca's iteration-level scheduling):
+
+1. requests whose client went away are dropped, freeing their cache slot and adapter;
+2. waiting requests join, first come first served, while the batch has room and their adapter
+   can have a bank slot (``--max-loras`` distinct adapters at a time); each joining request's
+   prompt is prefilled alone into its own cache slot, so running requests are not recomputed;
+3. one decode step runs every running request, whatever its adapter (the bank groups the
+   rows once for all layers), and each row samples its own next token;
+4. finished requests (end of text, ``max_tokens``, a stop sequence) leave, and their cache slot
+   and adapter reference are freed at once.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import PeftlabError
+
+
+class QueueFull(PeftlabError):
+    """The waiting queue is at its bound; the client should retry later (HTTP 429)."""
+
+
+class ShuttingDown(PeftlabError):
+    """The server is draining for shutdown and takes no new requests (HTTP 503)."""
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation. ``on_event(event)`` is called from the engine thread with
+    ``{"text": piece}`` for new text and finally ``{"done": finish_reason, ...}`` or ``{"error": message}``."""
+
+    adapter: str | None
+    prompt_ids: list
+    max_tokens: int
+    on_event: object
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple = ()
+    seed: int | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens whatever they are (load tests)
+    id: int = field(default_factory=lambda: next(_ids))
+    arrived: float = field(default_factory=time.perf_counter)
+    admitted: float | None = None
+    first_token: float | None = None
+    output_ids: list = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0
+    finish_reason: str | None = None
+    cancelled: bool = False
+    lora_slot: int = 0
+    length: int = 0  # positions in the cache
+    generator: torch.Generator | None = None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Engine:
+    def __init__(self, runner, bank, tokenizer, stop_ids, *, max_batch: int = 32, max_queue: int = 256,
+                 max_context: int = 2048, metrics=None, base_name: str = "base"):
+        self.runner, self.bank, self.tokenizer = runner, bank, tokenizer
+        self.stop_ids = set(stop_ids)
+        self.max_batch, self.max_queue, self.max_context = max_batch, max_queue, max_context
+        self.metrics, self.base_name = metrics, base_name
+        self.queue = deque()
+        self.running = []  # running[i] owns cache slot i
+        self.condition = threading.Condition()
+        self.accepting, self.stopping = True, False
+        self.thread = None
+        self.steps = 0
+
+    # ---- the outside -----------------------------------------------------------------------
+
+    def start(self) -> "Engine":
+        self.thread = threading.Thread(target=self._loop, name="peftlab-engine", daemon=True)
+        self.thread.start()
+        return self
+
+    def submit(self, request: Request) -> None:
+        with self.condition:
+            if not self.accepting:
+                raise ShuttingDown("the server is shutting down and takes no new requests")
+            if len(self.queue) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} waiting requests)")
+            if request.seed is not None:
+                request.generator = torch.Generator().manual_seed(request.seed)
+            self.queue.append(request)
+            self.condition.notify()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Stop taking requests, let the queued and running ones finish (up to ``timeout``
+        seconds), then end the loop."""
+        with self.condition:
+            self.accepting = False
+            self.condition.notify()
+        deadline = time.perf_counter() + timeout
+        while self.busy() and time.perf_counter() < deadline and self.thread and self.thread.is_alive():
+            time.sleep(0.02)
+        with self.condition:
+            self.stopping = True
+            self.condition.notify()
+        if self.thread:
+            self.thread.join(timeout=10)
+        for request in list(self.queue) + self.running:  # what the deadline cut off
+            request.on_event({"error": "the server shut down before this request finished"})
+
+    def busy(self) -> bool:
+        with self.condition:
+            return bool(self.queue or self.running)
+
+    def load(self) -> dict:
+        with self.condition:
+            return {"waiting": len(self.queue), "running": len(self.running)}
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self.condition:
+                while not (self.queue or self.running or self.stopping):
+                    self.condition.wait()
+                if self.stopping:
+                    return
+            try:
+                self.step()
+            except Exception as error:  # a failed step fails its requests, never the server
+                self._fail_all(f"{type(error).__name__}: {error}")
+
+    def step(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        if self.running:
+            self._decode()
+        self.steps += 1
+        if self.metrics:
+            self.metrics.running.set(len(self.running))
+            self.metrics.waiting.set(len(self.queue))
+
+    def _drop_cancelled(self) -> None:
+        with self.condition:
+            for request in [r for r in self.queue if r.cancelled]:
+                self.queue.remove(request)
+                self._count(request, "cancelled")
+        for i in reversed(range(len(self.running))):
+            if self.running[i].cancelled:
+                request = self.running[i]
+                self._leave(i)
+                self._count(request, "cancelled")
+
+    def _admit(self) -> None:
+        while len(self.running) < self.max_batch:
+            with self.condition:
+                if not self.queue:
+                    return
+                request = self.queue[0]
+                try:
+                    slot = self.bank.acquire(request.adapter)
+                except KeyError:  # unloaded while it waited
+                    self.queue.popleft()
+                    request.on_event({"error": f"adapter {request.adapter!r} was unloaded"})
+                    self._count(request, "error")
+                    continue
+                if slot is None:  # every adapter slot is held by running requests: wait, first come first served
+                    return
+                self.queue.popleft()
+            request.lora_slot, request.admitted = slot, time.perf_counter()
+            index = len(self.running)
+            self.running.append(request)
+            try:
+                self.bank.set_rows([slot])
+                logits = self.runner.prefill(index, request.prompt_ids)
+            except Exception as error:
+                self.running.pop()
+                self.bank.release(request.adapter)
+                request.on_event({"error": f"{type(error).__name__}: {error}"})
+                self._count(request, "error")
+                continue
+            request.length = len(request.prompt_ids)
+            if self.metrics:
+                label = request.adapter or self.base_name
+                self.metrics.queue_time.observe(request.admitted - request.arrived, adapter=label)
+                self.metrics.prompt_tokens.inc(len(request.prompt_ids), adapter=label)
+            self._advance([index], logits[None])
+
+    def _decode(self) -> None:
+        self.bank.set_rows([r.lora_slot for r in self.running])
+        logits = self.runner.decode([r.output_ids[-1] for r in self.running], [r.length for r in self.running])
+        for r in self.running:
+            r.length += 1
+        self._advance(list(range(len(self.running))), logits)
+
+    def _advance(self, rows: list, logits: torch.Tensor) -> None:
+        """Sample one token for each of ``rows`` (indices into ``running``), stream it, and
+        retire the rows that finished."""
+        greedy = logits.argmax(-1).tolist()
+        finished = []
+        for j, i in enumerate(rows):
+            request = self.running[i]
+            token = greedy[j] if request.temperature == 0 else sample(logits[j], request)
+            now = time.perf_counter()
+            if request.first_token is None:
+                request.first_token = now
+                if self.metrics:
+                    self.metrics.ttft.observe(now - request.arrived, adapter=request.adapter or self.base_name)
+            reason = None
+            if token in self.stop_ids and not request.ignore_eos:
+                reason = "stop"
+            else:
+                request.output_ids.append(token)
+                reason = self._stream(request)
+                if reason is None and (len(request.output_ids) >= request.max_tokens
+                                       or request.length + 1 >= self.max_context):
+                    reason = "length"
+            if reason:
+                request.finish_reason = reason
+                finished.append(i)
+        for i in sorted(finished, reverse=True):
+            request = self.running[i]
+            self._leave(i)
+            self._flush(request)
+            self._count(request, "ok")
+
+    def _stream(self, request: Request) -> str | None:
+        """Decode the request's text so far and send what is safe to send: text that cannot be the
+        start of a stop sequence, and no half of a multi-byte character. Returns "stop" when a
+        stop sequence appeared (the text is cut before it)."""
+        text = self.tokenizer.decode(request.output_ids, skip_special_tokens=True)
+        for stop in request.stop:
+            at = text.find(stop, max(0, request.emitted - len(stop)))
+            if at >= 0:
+                request.text = text[:at]
+                return "stop"
+        request.text = text
+        hold = max((len(s) - 1 for s in request.stop), default=0)
+        safe = len(text) - hold
+        while safe > request.emitted and text[safe - 1] == "\ufffd":
+            safe -= 1
+        if safe > request.emitted:
+            request.on_event({"text": text[request.emitted:safe]})
+            request.emitted = safe
+        return None
+
+    def _flush(self, request: Request) -> None:
+        text = request.text.rstrip("\ufffd") if request.finish_reason != "stop" else request.text
+        if len(text) > request.emitted:
+            request.on_event({"text": text[request.emitted:]})
+            request.emitted = len(text)
+        request.on_event({"done": request.finish_reason, "prompt_tokens": len(request.prompt_ids),
+                          "completion_tokens": len(request.output_ids)})
+
+    def _leave(self, i: int) -> None:
+        """Take running[i] out of the batch: the last running row moves into its cache slot."""
+        request, last = self.running[i], len(self.running) - 1
+        self.runner.release(i, last, self.running[last].length)
+        self.running[i] = self.running[last]
+        self.running.pop()
+        self.bank.release(request.adapter)
+
+    def _count(self, request: Request, outcome: str) -> None:
+        if not self.metrics:
+            return
+        label = request.adapter or self.base_name
+        self.metrics.requests.inc(adapter=label, outcome=outcome)
+        self.metrics.output_tokens.inc(len(request.output_ids), adapter=label)
+        if outcome == "ok" and request.first_token is not None:
+            now = time.perf_counter()
+            self.metrics.e2e.observe(now - request.arrived, adapter=label)
+            if len(request.output_ids) > 1:
+                self.metrics.tpot.observe((now - request.first_token) / (len(request.output_ids) - 1), adapter=label)
+
+    def _fail_all(self, message: str) -> None:
+        for i in reversed(range(len(self.running))):
+            request = self.running[i]
+            try:
+                self._leave(i)
+            except Exception:
+                self.running.pop(i)
+            request.on_event({"error": message})
+            self._count(request, "error")
+
+
+def sample(logits: torch.Tensor, request: Request) -> int:
+    """Temperature and nucleus (top-p; Holtzman et al., 2020) sampling, seeded per request."""
+    probs = torch.softmax(logits.float() / request.temperature, dim=-1)
+    if request.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the tokens ranked above each
+        sorted_probs[before >= request.top_p] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs, 1, generator=request.generator))

@@ -1,0 +1,324 @@
+"""Many LoRA adapters on one base model, mixed row by row in one batch.
+
+The design follows S-LoRA (Sheng et al., 2023) and Punica (Chen et al., 2023):
+
+- **Slots.** ``max_loras`` adapters are *resident* at a time, stacked per target module as
+  ``A[slot]`` (in x r_max) and ``B[slot]`` (r_max x out, the LoRA scale folded in); ranks below
+  ``max_lora_rank`` are zero-padded, which adds exact zeros. Slot 0 is all zeros: the base model.
+- **A CPU cache.** Up to ``max_cpu_loras`` adapters are kept in memory (least recently used
+  goes first); the rest are read from disk when a request needs them.
+- **Reference counts.** Every running request holds its adapter's slot; a slot in use is never
+  given to another adapter, and an adapter in use is never evicted or unloaded.
+- **One grouping per step.** ``set_rows`` receives the slot of every row of the step's batch,
+  sorts and segments them once (``core.routing.Routing``), and every wrapped layer of that step
+  reads the result in ``lora_delta``.
+
+Adapters are read in Hugging Face PEFT's LoRA format (what ``peftlab.save`` writes for LoRA and
+what ``peft`` and vLLM read), with the checks of ``peftlab.load``: safetensors only, a matching
+base, shapes that fit. DoRA, embedding LoRA and ``modules_to_save`` change more than a low-rank
+delta of a linear layer and are refused with the reason.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..core.routing import Routing
+from ..errors import AdapterFormatError, ConfigError, IncompatibleBaseError, StateError
+from ..formats import hf_lora
+from ..formats.io import read_adapter
+from ..methods.lora import scaling
+
+BASE_SLOT = 0
+
+
+@dataclass
+class LoraWeights:
+    """One adapter as the bank stores it: ``{module: (A (r x in), B (out x r), scale)}``."""
+
+    name: str
+    path: str
+    rank: int
+    modules: dict
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b, _ in self.modules.values())
+
+
+def read_lora(name: str, path, shapes: dict, max_rank: int, base_fingerprint: str | None = None) -> LoraWeights:
+    """Read and check the LoRA adapter in folder ``path`` against the base's module ``shapes``
+    (``{module name: (out, in)}``) and the bank's rank limit."""
+    hf, tensors, info = read_adapter(path)
+    if hf.get("peft_type") != "LORA":
+        raise AdapterFormatError(f"adapter {name!r} ({path}) is a {hf.get('peft_type')!r} adapter; the server batches "
+                                 "LoRA adapters (peft_type LORA) only")
+    per_module, others = hf_lora.split_keys(tensors)
+    config = hf_lora.config_from_hf(hf, list(per_module))
+    if hf.get("use_dora"):
+        raise AdapterFormatError(f"adapter {name!r} is a DoRA adapter: its magnitude vector rescales whole weight "
+                                 "columns, which is not a low-rank delta; merge it into a base (peftlab merge) to serve it")
+    if others:
+        raise AdapterFormatError(f"adapter {name!r} also saves full modules ({', '.join(sorted(others)[:3])}); rows "
+                                 "of a shared batch cannot swap whole modules, so it cannot be served mixed")
+    saved = info.get("base_fingerprint")
+    if base_fingerprint and saved and saved != base_fingerprint:
+        raise IncompatibleBaseError(f"adapter {name!r} ({path}) was saved for another base model "
+                                    f"({info.get('base_model') or 'fingerprint ' + saved}); serve it with that base")
+    modules, rank = {}, 0
+    for module, local in per_module.items():
+        if "lora_A.weight" not in local or "lora_B.weight" not in local:
+            raise AdapterFormatError(f"adapter {name!r}: '{module}' has tensors {sorted(local)}; the server takes "
+                                     "LoRA on linear layers (lora_A / lora_B) only")
+        if module not in shapes:
+            raise IncompatibleBaseError(f"adapter {name!r} adapts '{module}', which is not a linear layer the server "
+                                        f"can adapt on this base (it adapts {', '.join(_short(shapes))})")
+        A, B = local["lora_A.weight"].float(), local["lora_B.weight"].float()
+        out_features, in_features = shapes[module]
+        if A.dim() != 2 or B.dim() != 2 or A.shape[1] != in_features or B.shape[0] != out_features or A.shape[0] != B.shape[1]:
+            raise IncompatibleBaseError(f"adapter {name!r}: '{module}' has A {tuple(A.shape)} and B {tuple(B.shape)}, "
+                                        f"which do not fit this base's {out_features}x{in_features} layer")
+        r = A.shape[0]
+        if r > max_rank:
+            raise ConfigError(f"adapter {name!r} has rank {r} at '{module}', above --max-lora-rank {max_rank}; "
+                              "restart the server with a higher --max-lora-rank to serve it")
+        modules[module] = (A, B, scaling(config.alpha_for(module), config.rank_for(module), config.rslora))
+        rank = max(rank, r)
+    if not modules:
+        raise AdapterFormatError(f"adapter {name!r} ({path}) holds no LoRA tensors")
+    return LoraWeights(name, str(path), rank, modules)
+
+
+def _short(shapes: dict) -> list:
+    suffixes = sorted({m.rsplit(".", 1)[-1] for m in shapes})
+    return suffixes
+
+
+class StepRouting(Routing):
+    """The batch rows' adapter slots, sorted and segmented once per step."""
+
+    def __init__(self, slots: list):
+        super().__init__([None if s == BASE_SLOT else s for s in slots])
+        self.slots = torch.tensor(slots)
+        self.used = {s for s in slots if s != BASE_SLOT}
+        self.adapted_rows = torch.cat(list(self._segments_cpu.values())) if self.used else None
+        self.uniform = slots[0] if len(set(slots)) == 1 else None
+
+
+def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, routing: StepRouting) -> torch.Tensor:
+    """Each row's ``x @ A[slot] @ B[slot]`` (base rows: 0). ``x`` is (rows, tokens, in).
+
+    One adapter for the whole batch: two plain matmuls. Otherwise the adapted rows (grouped by
+    ``routing``) gather their slot's factors and run as one batched matmul pair, whatever the
+    number of distinct adapters (Punica's gather-BMM, on the CPU). ``segmented_lora_delta`` is
+    the per-segment reference this must match; a GPU kernel can replace this function."""
+    if routing.uniform is not None:
+        return x @ A[routing.uniform] @ B[routing.uniform]
+    rows = routing.adapted_rows.to(x.device)
+    slots = routing.slots.to(x.device)[rows]
+    delta = torch.bmm(torch.bmm(x.index_select(0, rows), A.index_select(0, slots)), B.index_select(0, slots))
+    return torch.zeros(x.shape[:-1] + (B.shape[-1],), dtype=x.dtype, device=x.device).index_copy_(0, rows, delta)
+
+
+def segmented_lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, routing: StepRouting) -> torch.Tensor:
+    """The reference: one matmul pair per adapter segment."""
+    out = torch.zeros(x.shape[:-1] + (B.shape[-1],), dtype=x.dtype, device=x.device)
+    for slot, rows in routing.segments(x.device).items():
+        out.index_copy_(0, rows, x.index_select(0, rows) @ A[slot] @ B[slot])
+    return out
+
+
+class BankedLinear(nn.Module):
+    """A base linear layer plus the bank's LoRA delta for the rows that have an adapter."""
+
+    def __init__(self, base: nn.Linear, bank: "LoraBank", key: str):
+        super().__init__()
+        self.base_layer = base
+        self.key = key
+        object.__setattr__(self, "bank", bank)  # shared, not a submodule
+
+    def forward(self, x):
+        out = self.base_layer(x)
+        delta = self.bank.delta(self.key, x)
+        return out if delta is None else out + delta
+
+
+class LoraBank:
+    def __init__(self, model: nn.Module, max_loras: int = 16, max_cpu_loras: int = 64, max_rank: int = 16,
+                 targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                 base_fingerprint: str | None = None):
+        for name, value in (("max_loras", max_loras), ("max_cpu_loras", max_cpu_loras), ("max_lora_rank", max_rank)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if max_cpu_loras < max_loras:
+            raise ConfigError(f"--max-cpu-loras ({max_cpu_loras}) must be at least --max-loras ({max_loras})")
+        self.max_loras, self.max_cpu_loras, self.max_rank = max_loras, max_cpu_loras, max_rank
+        self.base_fingerprint = base_fingerprint
+        self.lock = threading.RLock()
+        self.paths = {}  # registered adapter name -> folder
+        self.cpu = OrderedDict()  # name -> LoraWeights, least recently used first
+        self.slot_names = [None] * (max_loras + 1)  # slot -> adapter name (slot 0: the base)
+        self.slot_of, self.refs = {}, {}
+        self.slot_order = OrderedDict()  # resident names, least recently used first
+        self.stats = {"slot_hits": 0, "cpu_hits": 0, "disk_loads": 0, "slot_evictions": 0, "cpu_evictions": 0}
+        self.shapes, self.A, self.B, self.slots_with = {}, {}, {}, {}
+        self.routing = None
+        self._wrap(model, targets)
+
+    def _wrap(self, model: nn.Module, targets) -> None:
+        if any(isinstance(m, BankedLinear) for m in model.modules()):
+            raise ConfigError("this model is already served by a LoRA bank; give each server its own model")
+        wrapped = []
+        for name, module in list(model.named_modules()):
+            for child_name, child in list(module.named_children()):
+                full = f"{name}.{child_name}" if name else child_name
+                if type(child) is nn.Linear and child_name in targets and ".layers." in f".{full}":
+                    setattr(module, child_name, BankedLinear(child, self, full))
+                    self.shapes[full] = (child.out_features, child.in_features)
+                    wrapped.append(full)
+        if not wrapped:
+            raise ConfigError(f"no linear layers named {', '.join(targets)} in the model's decoder layers to adapt")
+        weight = next(model.parameters())
+        self.dtype, self.device = weight.dtype, weight.device
+
+    # ---- registry ------------------------------------------------------------------------
+
+    def register(self, name: str, path) -> LoraWeights:
+        """Add adapter ``name`` from folder ``path`` after reading and checking it (it stays in the
+        CPU cache if there is room)."""
+        weights = read_lora(name, Path(path), self.shapes, self.max_rank, self.base_fingerprint)
+        with self.lock:
+            if name in self.paths:
+                raise ConfigError(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
+            self.paths[name] = str(path)
+            self._cache(weights)
+        return weights
+
+    def unregister(self, name: str) -> None:
+        with self.lock:
+            if name not in self.paths:
+                raise KeyError(name)
+            if self.refs.get(name):
+                raise StateError(f"adapter {name!r} is in use by {self.refs[name]} running request(s); unload it when "
+                                 "they finish")
+            del self.paths[name]
+            self.cpu.pop(name, None)
+            if name in self.slot_of:
+                slot = self.slot_of.pop(name)
+                self.slot_names[slot] = None
+                self.slot_order.pop(name, None)
+                self._clear(slot)
+
+    def names(self) -> list:
+        with self.lock:
+            return list(self.paths)
+
+    # ---- slots ---------------------------------------------------------------------------
+
+    def acquire(self, name: str | None) -> int | None:
+        """The slot serving ``name`` for one more request (the base: slot 0), loading it if needed;
+        None when every slot is held by running requests of other adapters (try again later)."""
+        if name is None:
+            return BASE_SLOT
+        with self.lock:
+            if name not in self.paths:
+                raise KeyError(name)
+            slot = self.slot_of.get(name)
+            if slot is not None:
+                self.stats["slot_hits"] += 1
+            else:
+                slot = self._free_slot()
+                if slot is None:
+                    return None
+                self._fill(slot, self._weights(name))
+            self.refs[name] = self.refs.get(name, 0) + 1
+            self.slot_order.move_to_end(name)
+            return slot
+
+    def release(self, name: str | None) -> None:
+        if name is None:
+            return
+        with self.lock:
+            self.refs[name] -= 1
+
+    def can_acquire(self, name: str | None) -> bool:
+        with self.lock:
+            return name is None or name in self.slot_of or self._free_slot(peek=True) is not None
+
+    def _free_slot(self, peek: bool = False) -> int | None:
+        for slot in range(1, self.max_loras + 1):
+            if self.slot_names[slot] is None:
+                return slot
+        for name in self.slot_order:  # least recently used resident adapter that no request holds
+            if not self.refs.get(name):
+                slot = self.slot_of[name]
+                if not peek:
+                    del self.slot_of[name]
+                    del self.slot_order[name]
+                    self.slot_names[slot] = None
+                    self.stats["slot_evictions"] += 1
+                return slot
+        return None
+
+    def _weights(self, name: str) -> LoraWeights:
+        weights = self.cpu.get(name)
+        if weights is not None:
+            self.stats["cpu_hits"] += 1
+            self.cpu.move_to_end(name)
+            return weights
+        self.stats["disk_loads"] += 1
+        weights = read_lora(name, Path(self.paths[name]), self.shapes, self.max_rank, self.base_fingerprint)
+        self._cache(weights)
+        return weights
+
+    def _cache(self, weights: LoraWeights) -> None:
+        self.cpu[weights.name] = weights
+        self.cpu.move_to_end(weights.name)
+        while len(self.cpu) > self.max_cpu_loras:
+            self.cpu.popitem(last=False)
+            self.stats["cpu_evictions"] += 1
+
+    def _fill(self, slot: int, weights: LoraWeights) -> None:
+        self._clear(slot)
+        for module, (A, B, scale) in weights.modules.items():
+            if module not in self.A:
+                out_features, in_features = self.shapes[module]
+                self.A[module] = torch.zeros(self.max_loras + 1, in_features, self.max_rank, dtype=self.dtype, device=self.device)
+                self.B[module] = torch.zeros(self.max_loras + 1, self.max_rank, out_features, dtype=self.dtype, device=self.device)
+                self.slots_with[module] = set()
+            r = A.shape[0]
+            self.A[module][slot, :, :r] = A.t().to(self.dtype)
+            self.B[module][slot, :r] = (B.t() * scale).to(self.dtype)
+            self.slots_with[module].add(slot)
+        self.slot_names[slot] = weights.name
+        self.slot_of[weights.name] = slot
+        self.slot_order[weights.name] = None
+
+    def _clear(self, slot: int) -> None:
+        for module, slots in self.slots_with.items():
+            if slot in slots:
+                self.A[module][slot].zero_()
+                self.B[module][slot].zero_()
+                slots.discard(slot)
+
+    # ---- the forward pass ----------------------------------------------------------------
+
+    def set_rows(self, slots: list) -> None:
+        """The slot of each row of the next forward pass, grouped once for every layer."""
+        self.routing = StepRouting(slots)
+
+    def delta(self, key: str, x: torch.Tensor):
+        routing = self.routing
+        if routing is None or not routing.used or key not in self.A or not (routing.used & self.slots_with[key]):
+            return None
+        return lora_delta(x, self.A[key], self.B[key], routing)
+
+    def residency(self) -> dict:
+        with self.lock:
+            return {"slots": sum(n is not None for n in self.slot_names), "cpu": len(self.cpu),
+                    "in_use": sum(1 for v in self.refs.values() if v), "registered": len(self.paths)}

@@ -1,0 +1,212 @@
+"""The serving engine's defining properties: the stepped decoder equals the model's own forward,
+the mixed-batch LoRA delta equals its per-segment reference, and a running batch that mixes many
+adapters and base rows (joining and leaving at every step) answers each request exactly as that
+adapter alone would, in peftlab and in HF PEFT."""
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+
+from peftlab.errors import AdapterFormatError, ConfigError, IncompatibleBaseError, StateError
+from peftlab.formats.io import fingerprint
+from peftlab.serve.engine import Engine, QueueFull, Request, sample
+from peftlab.serve.lora_bank import LoraBank, StepRouting, lora_delta, segmented_lora_delta
+from peftlab.serve.runner import DecoderRunner
+from serve_helpers import Collector, greedy_alone, greedy_peft, save_adapters, tiny_lm
+
+
+def make_engine(model, tokenizer, adapters: dict, **options):
+    bank_options = {k: options.pop(k) for k in ("max_loras", "max_cpu_loras", "max_rank") if k in options}
+    bank = LoraBank(model, base_fingerprint=fingerprint(model), **{"max_loras": 16, **bank_options})
+    for name, path in adapters.items():
+        bank.register(name, path)
+    runner = DecoderRunner(model, max_sequences=options.pop("max_batch", 32), capacity=8)
+    return Engine(runner, bank, tokenizer, [tokenizer.eos_token_id], max_batch=runner.max_sequences, **options)
+
+
+def prompts(count: int, seed: int = 0, vocab: int = 51) -> list:
+    rng = random.Random(seed)
+    return [[rng.randrange(8, vocab) for _ in range(rng.randint(3, 12))] for _ in range(count)]
+
+
+def run_all(engine, requests, join_every: int = 0):
+    """Drive the engine by hand; with ``join_every``, one more request joins every that many steps."""
+    waiting = list(requests)
+    if not join_every:
+        for r in waiting:
+            engine.submit(r)
+        waiting = []
+    steps = 0
+    while waiting or engine.busy():
+        if waiting and steps % max(join_every, 1) == 0:
+            engine.submit(waiting.pop(0))
+        engine.step()
+        steps += 1
+        assert steps < 2000
+    return steps
+
+
+def test_prefill_and_decode_equal_the_models_own_forward():
+    model, _ = tiny_lm()
+    runner = DecoderRunner(model, max_sequences=4, capacity=4)  # small: the cache must grow on the way
+    sequences = prompts(3, seed=1)
+    for slot, ids in enumerate(sequences):
+        logits = runner.prefill(slot, ids)
+        torch.testing.assert_close(logits, model(torch.tensor([ids])).logits[0, -1], rtol=1e-4, atol=1e-5)
+    lengths = [len(s) for s in sequences]
+    for _ in range(5):  # rows of different lengths decode together
+        nxt = [int(torch.randint(8, 51, ())) for _ in sequences]
+        logits = runner.decode(nxt, lengths)
+        for i, ids in enumerate(sequences):
+            ids.append(nxt[i])
+            torch.testing.assert_close(logits[i], model(torch.tensor([ids])).logits[0, -1], rtol=1e-4, atol=1e-5)
+        lengths = [n + 1 for n in lengths]
+    runner.release(0, 2, lengths[2])  # slot 2's sequence moves into slot 0
+    logits = runner.decode([5, 6], [lengths[2], lengths[1]])
+    torch.testing.assert_close(logits[0], model(torch.tensor([sequences[2] + [5]])).logits[0, -1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits[1], model(torch.tensor([sequences[1] + [6]])).logits[0, -1], rtol=1e-4, atol=1e-5)
+
+
+def test_gather_lora_delta_equals_the_per_segment_reference():
+    g = torch.Generator().manual_seed(0)
+    A, B = torch.randn(6, 16, 4, generator=g), torch.randn(6, 4, 24, generator=g)
+    A[0], B[0] = 0, 0
+    x = torch.randn(9, 3, 16, generator=g)
+    for slots in ([0, 3, 3, 1, 5, 0, 2, 2, 4], [2] * 9, [0] * 8 + [1], [5, 4, 3, 2, 1, 1, 2, 3, 4]):
+        routing = StepRouting(slots)
+        expected = segmented_lora_delta(x, A, B, routing)
+        torch.testing.assert_close(lora_delta(x, A, B, routing), expected)
+        for row, slot in enumerate(slots):  # and both are each row's own x @ A @ B
+            torch.testing.assert_close(expected[row], x[row] @ A[slot] @ B[slot])
+
+
+@pytest.mark.parametrize("join_every", [0, 3])
+def test_mixed_batch_of_eight_adapters_and_base_rows_equals_each_alone(tmp_path, join_every):
+    model, tokenizer = tiny_lm()
+    base = copy.deepcopy(model)
+    paths = save_adapters(base, tmp_path, 8, r=4)
+    paths["a7"] = save_adapters(base, tmp_path / "r8", 1, r=8)["a0"]  # mixed ranks: padded to the bank's rank
+    engine = make_engine(model, tokenizer, paths)
+    rng = random.Random(0)
+    names = list(paths) + [None, None, None]
+    requests = [Request(adapter=names[i % len(names)], prompt_ids=ids, max_tokens=rng.randint(4, 10),
+                        on_event=Collector(), temperature=0) for i, ids in enumerate(prompts(22, seed=2))]
+    run_all(engine, requests, join_every)
+    eos = [tokenizer.eos_token_id]
+    for r in requests:
+        folder = paths[r.adapter] if r.adapter else None
+        alone = greedy_alone(base, folder, r.prompt_ids, r.max_tokens, eos)
+        assert r.output_ids == alone, (r.adapter, r.output_ids, alone)
+        assert r.output_ids == greedy_peft(base, folder, r.prompt_ids, r.max_tokens, eos)
+        assert r.on_event.done["completion_tokens"] == len(r.output_ids)
+        assert r.on_event.text == tokenizer.decode(r.output_ids, skip_special_tokens=True)
+    assert not engine.running and engine.bank.residency()["in_use"] == 0  # every slot and reference freed
+
+
+def test_requests_join_and_leave_at_every_step_without_recomputing_others(tmp_path):
+    model, tokenizer = tiny_lm()
+    paths = save_adapters(copy.deepcopy(model), tmp_path, 2)
+    engine = make_engine(model, tokenizer, paths)
+    prefills = []
+    original = engine.runner.prefill
+    engine.runner.prefill = lambda slot, ids: prefills.append(len(ids)) or original(slot, ids)
+    first = Request(adapter="a0", prompt_ids=[9, 10, 11], max_tokens=12, on_event=Collector(), temperature=0, ignore_eos=True)
+    engine.submit(first)
+    engine.step()
+    engine.step()
+    second = Request(adapter="a1", prompt_ids=[12, 13], max_tokens=3, on_event=Collector(), temperature=0, ignore_eos=True)
+    engine.submit(second)
+    engine.step()  # the newcomer is prefilled alone (its first token), then decodes with the first request
+    assert prefills == [3, 2] and len(engine.running) == 2 and len(second.output_ids) == 2
+    engine.step()
+    assert second.finish_reason == "length" and len(engine.running) == 1  # it left; the first runs on
+    while engine.busy():
+        engine.step()
+    assert len(first.output_ids) == 12 and prefills == [3, 2]
+
+
+def test_bank_keeps_adapters_in_use_loads_the_rest_from_disk_and_refuses_what_it_cannot_serve(tmp_path):
+    model, tokenizer = tiny_lm()
+    base = copy.deepcopy(model)
+    paths = save_adapters(base, tmp_path, 4)
+    engine = make_engine(model, tokenizer, paths, max_loras=2, max_cpu_loras=2)
+    bank = engine.bank
+    assert bank.acquire("a0") and bank.acquire("a1")
+    assert bank.acquire("a2") is None  # both slots held by running requests: a2 waits
+    bank.release("a0")
+    slot = bank.acquire("a2")  # a0's slot, now free, is reused
+    assert slot == 1 and bank.slot_of == {"a1": 2, "a2": 1}
+    with pytest.raises(StateError, match="in use"):
+        bank.unregister("a1")
+    loads = bank.stats["disk_loads"]
+    bank.release("a2")
+    bank.release("a1")
+    for name in ("a0", "a3", "a0"):  # the CPU cache holds 2: these come back from disk
+        bank.acquire(name)
+        bank.release(name)
+    assert bank.stats["disk_loads"] > loads
+
+    with pytest.raises(ConfigError, match="max-lora-rank"):
+        bank.register("big", save_adapters(base, tmp_path / "big", 1, r=32)["a0"])
+    with pytest.raises(AdapterFormatError, match="DoRA"):
+        bank.register("dora", save_adapters(base, tmp_path / "dora", 1, spec="dora[r=4]")["a0"])
+    with pytest.raises(IncompatibleBaseError, match="another base"):
+        bank.register("other", save_adapters(make_other_base(), tmp_path / "other", 1)["a0"])
+    with pytest.raises(ConfigError, match="already loaded"):
+        bank.register("a0", paths["a0"])
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    (tmp_path / "broken" / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    with pytest.raises(AdapterFormatError):
+        bank.register("broken", tmp_path / "broken")
+    assert sorted(bank.names()) == ["a0", "a1", "a2", "a3"]  # nothing half-registered
+
+
+def make_other_base():
+    from conftest import make_llama
+
+    return make_llama(0, vocab_size=51, hidden_size=48, num_attention_heads=4, num_key_value_heads=2)
+
+
+def test_stop_sequences_seeds_cancellation_and_the_queue_bound(tmp_path):
+    model, tokenizer = tiny_lm()
+    engine = make_engine(model, tokenizer, {}, max_queue=2)
+    probe = Request(adapter=None, prompt_ids=[9, 10, 11], max_tokens=12, on_event=Collector(), temperature=0, ignore_eos=True)
+    run_all(engine, [probe])
+    full = probe.on_event.text
+    stop = full[4:6]
+    cut = Request(adapter=None, prompt_ids=[9, 10, 11], max_tokens=12, on_event=Collector(), temperature=0,
+                  stop=(stop,), ignore_eos=True)
+    run_all(engine, [cut])
+    assert cut.finish_reason == "stop" and cut.on_event.text == full[: full.find(stop)]
+
+    def sampled(seed):
+        r = Request(adapter=None, prompt_ids=[9, 10], max_tokens=8, on_event=Collector(), temperature=1.0, seed=seed,
+                    ignore_eos=True)
+        run_all(engine, [r])
+        return r.output_ids
+
+    assert sampled(7) == sampled(7) and sampled(7) != sampled(8)
+
+    long = Request(adapter=None, prompt_ids=[9], max_tokens=50, on_event=Collector(), temperature=0, ignore_eos=True)
+    engine.submit(long)
+    engine.step()
+    long.cancel()
+    engine.step()
+    assert not engine.running and long.finish_reason is None and len(long.output_ids) < 50
+
+    engine.submit(Request(adapter=None, prompt_ids=[9], max_tokens=1, on_event=Collector()))
+    engine.submit(Request(adapter=None, prompt_ids=[9], max_tokens=1, on_event=Collector()))
+    with pytest.raises(QueueFull):
+        engine.submit(Request(adapter=None, prompt_ids=[9], max_tokens=1, on_event=Collector()))
+
+
+def test_top_p_keeps_only_the_nucleus():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    request = Request(adapter=None, prompt_ids=[1], max_tokens=1, on_event=None, temperature=1.0, top_p=0.7)
+    request.generator = torch.Generator().manual_seed(0)
+    drawn = {sample(logits, request) for _ in range(300)}
+    assert drawn == {0, 1}
