@@ -105,7 +105,7 @@ def static(args) -> dict:
     def hf_run(adapters):
         start = time.perf_counter()
         with torch.inference_mode():
-            out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.tokens, min_new_tokens=args.tokens,
+            out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.tokens, eos_token_id=None,
                               do_sample=False, adapter_names=adapters, pad_token_id=pad)
         return time.perf_counter() - start, out[:, width:].tolist()
 
@@ -122,13 +122,33 @@ def static(args) -> dict:
             times[key].append(seconds)
     median = {k: statistics.median(v) for k, v in times.items()}
     mismatched = sum(a != b for a, b in zip(outputs["peftlab_mixed"], outputs["hf_mixed"]))
+    alone = single_adapter_outputs(paths, batch, args.tokens, pad)
+    differing_from_alone = sum(a != b for a, b in zip(outputs["peftlab_mixed"], alone))
     return {"prompts": 16, "new_tokens": args.tokens, "threads": args.threads, "repeats": args.repeats,
             "seconds": median, "all_seconds": times,
             "tokens_per_second": {k: 16 * args.tokens / v for k, v in median.items()},
             "peftlab_mixed_over_one": median["peftlab_mixed"] / median["peftlab_one"],
             "hf_mixed_over_one": median["hf_mixed"] / median["hf_one"],
             "hf_mixed_over_peftlab_mixed": median["hf_mixed"] / median["peftlab_mixed"],
-            "rows_differing_from_hf_peft": mismatched}
+            "rows_differing_from_hf_peft_mixed": mismatched,
+            "rows_differing_from_each_adapter_alone": differing_from_alone}
+
+
+def single_adapter_outputs(paths: dict, batch: list, tokens: int, pad: int) -> list:
+    """Row i through adapter i alone: peftlab's model with only that adapter active, HF generate."""
+    import peftlab
+
+    model = load_cached_model().eval()
+    for name, path in paths.items():
+        peftlab.load(model, path, name=name)
+    outputs = []
+    with torch.inference_mode():
+        for name, ids in zip(paths, batch):
+            peftlab.set_active(model, name)
+            out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=tokens, eos_token_id=None,
+                                 do_sample=False, pad_token_id=pad)
+            outputs.append(out[0, len(ids):].tolist())
+    return outputs
 
 
 # ---- load: each system as a server, the same workload ------------------------------------------

@@ -33,6 +33,33 @@ def test_final_number_reads_gsm8k_answers():
     assert final_number("no digits here") is None
 
 
+def test_checks_compare_with_the_majority_class_full_fine_tuning_and_the_twins():
+    from peftlab.bench.report import checks
+
+    def summary(method, metric, std=0.01, seconds=10.0):
+        return {"method": method, "metric": metric, "metric_std": std, "metric_name": "accuracy",
+                "train_seconds": seconds}
+
+    text = checks([summary("full", 0.80), summary("lora", 0.79), summary("hf:lora", 0.795, seconds=12.0),
+                   summary("dylora", 0.52), summary("ia3", 0.70, 0.001), summary("hf:ia3", 0.75, 0.002)], 0.51)
+    assert "less than 5 points above it: `dylora` (0.5200)" in text
+    assert "LoRA 0.7900 vs full fine-tuning 0.8000: -1.00 points" in text
+    assert "| `lora` | 0.7900 ± 0.0100 | 0.7950 ± 0.0100 | -0.0050 | yes (noise 0.0100) | 0.83x |" in text
+    assert "| `ia3` | 0.7000 ± 0.0010 | 0.7500 ± 0.0020 | -0.0500 | no (noise 0.0020) | 1.00x |" in text
+
+
+def test_a_cell_run_again_counts_once_with_its_last_result():
+    from peftlab.bench.report import aggregate
+
+    def row(seed, metric):
+        return {"task": "t", "method": "m", "seed": seed, "metric": metric, "metric_name": "accuracy", "losses": [1.0],
+                "trainable_params": 1, "trainable_percent": 1.0, "adapter_bytes": 1, "peak_rss_mb": 1.0,
+                "train_seconds": 1.0, "tokens_per_second": 1.0}
+
+    summary = aggregate([row(0, 0.5), row(1, 0.5), row(0, 0.9)])["t"][0]  # seed 0 again, at a new rate
+    assert summary["runs"] == 2 and summary["metric"] == 0.7
+
+
 def test_pareto_front_and_loss_spread():
     points = [(10, 0.80), (100, 0.85), (1000, 0.84), (50, 0.79), (5, 0.70)]
     assert sorted(report.pareto_front(points)) == [0, 1, 4]
@@ -106,3 +133,5 @@ def test_a_small_real_grid_runs_resumes_and_reports(tmp_path):
     text = (out / "report.md").read_text()
     assert "| `lora` |" in text and "| `hf:lora` |" in text and "sst2_metric_vs_params.png" in text
     assert (out / "sst2_metric_vs_params.png").stat().st_size > 1000
+    assert "Majority-class baseline: 0." in text and 0.4 < rows[0]["majority"] < 0.7
+    assert "| `lora` | " in text.split("#### Checks")[1]  # the twin comparison row

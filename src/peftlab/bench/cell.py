@@ -73,6 +73,9 @@ def run_cell(cell: dict) -> dict:
         result.update(diverged=True, error=str(error), metric=None)
         result["peak_rss_mb"] = peak_rss_mb()
         return result
+    if classify:  # the majority-class baseline the report compares against
+        labels = [row[task.label_key] for row in eval_rows]
+        result["majority"] = max(labels.count(label) for label in set(labels)) / len(labels)
     result["metric_name"] = task.metric
     result["metric"] = evaluate(model, tokenizer, task, held_out, eval_rows)
     result["latency"] = latency(model, method, held_out, task)
@@ -125,7 +128,8 @@ def hf_twin(model, method: str, task: Task):
     elif method == "ln_tuning":
         twin = peft.LNTuningConfig(target_modules=modules, task_type=task_type)
     elif method == "prompt":
-        twin = peft.PromptTuningConfig(num_virtual_tokens=config.length, task_type=task_type)
+        init = {"vocab": "SAMPLE_VOCAB", "random": "RANDOM"}.get(config.init, "SAMPLE_VOCAB")  # peftlab's default: vocab
+        twin = peft.PromptTuningConfig(num_virtual_tokens=config.length, prompt_tuning_init=init, task_type=task_type)
     elif method == "prefix":
         twin = peft.PrefixTuningConfig(num_virtual_tokens=config.length, prefix_projection=config.reparam,
                                        encoder_hidden_size=config.hidden, task_type=task_type)

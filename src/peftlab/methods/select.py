@@ -35,6 +35,7 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 from torch.func import functional_call
 
 from ..core.config import MethodConfig
@@ -80,6 +81,18 @@ def own_parameters(module: nn.Module):
     return [(n, p) for n, p in module.named_parameters(recurse=False) if p.dtype.is_floating_point]
 
 
+def call_with(base: nn.Module, params: dict, x):
+    """``base(x)`` computed with ``params`` in place of its own parameters. LayerNorm and Linear
+    call their functional form directly; ``functional_call`` (any module) swaps parameters in
+    and out on every call, which costs more than a small norm itself."""
+    if type(base) is nn.LayerNorm:
+        return F.layer_norm(x, base.normalized_shape, params.get("weight", base.weight), params.get("bias", base.bias),
+                            base.eps)
+    if type(base) is nn.Linear:
+        return F.linear(x, params.get("weight", base.weight), params.get("bias", base.bias))
+    return functional_call(base, params, (x,))
+
+
 class ParameterDelta(nn.Module):
     """A trainable delta, zero at init, for each parameter of the wrapped module: the module
     computes with ``theta + delta``."""
@@ -95,10 +108,10 @@ class ParameterDelta(nn.Module):
 
     def forward(self, x, base_out):
         base = self.__dict__["_base_ref"]
-        return functional_call(base, self.adapted(base), (x,)) - base(x)
+        return call_with(base, self.adapted(base), x) - base(x)
 
     def fused_forward(self, base: nn.Module, x):
-        return functional_call(base, self.adapted(base), (x,))
+        return call_with(base, self.adapted(base), x)
 
     def merge(self, base: nn.Module) -> None:
         with torch.no_grad():
