@@ -145,7 +145,8 @@ def single_adapter_outputs(paths: dict, batch: list, tokens: int, pad: int) -> l
     with torch.inference_mode():
         for name, ids in zip(paths, batch):
             peftlab.set_active(model, name)
-            out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=tokens, eos_token_id=None,
+            out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=tokens, eos_token_id=None,
                                  do_sample=False, pad_token_id=pad)
             outputs.append(out[0, len(ids):].tolist())
     return outputs

@@ -53,9 +53,10 @@ def test_prefill_and_decode_equal_the_models_own_forward():
     model, _ = tiny_lm()
     runner = DecoderRunner(model, max_sequences=4, capacity=4)  # small: the cache must grow on the way
     sequences = prompts(3, seed=1)
+    logits = runner.prefill(0, sequences[:1])  # one alone, then two of different lengths together
+    logits = torch.cat([logits, runner.prefill(1, sequences[1:])])
     for slot, ids in enumerate(sequences):
-        logits = runner.prefill(slot, ids)
-        torch.testing.assert_close(logits, model(torch.tensor([ids])).logits[0, -1], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(logits[slot], model(torch.tensor([ids])).logits[0, -1], rtol=1e-4, atol=1e-5)
     lengths = [len(s) for s in sequences]
     for _ in range(5):  # rows of different lengths decode together
         nxt = [int(torch.randint(8, 51, ())) for _ in sequences]
@@ -112,14 +113,14 @@ def test_requests_join_and_leave_at_every_step_without_recomputing_others(tmp_pa
     engine = make_engine(model, tokenizer, paths)
     prefills = []
     original = engine.runner.prefill
-    engine.runner.prefill = lambda slot, ids: prefills.append(len(ids)) or original(slot, ids)
+    engine.runner.prefill = lambda first, seqs: prefills.extend(len(ids) for ids in seqs) or original(first, seqs)
     first = Request(adapter="a0", prompt_ids=[9, 10, 11], max_tokens=12, on_event=Collector(), temperature=0, ignore_eos=True)
     engine.submit(first)
     engine.step()
     engine.step()
     second = Request(adapter="a1", prompt_ids=[12, 13], max_tokens=3, on_event=Collector(), temperature=0, ignore_eos=True)
     engine.submit(second)
-    engine.step()  # the newcomer is prefilled alone (its first token), then decodes with the first request
+    engine.step()  # the newcomer is prefilled (its first token), then decodes with the first request
     assert prefills == [3, 2] and len(engine.running) == 2 and len(second.output_ids) == 2
     engine.step()
     assert second.finish_reason == "length" and len(engine.running) == 1  # it left; the first runs on

@@ -17,8 +17,10 @@ import contextlib
 import json
 import os
 import re
+import threading
 import time
 import uuid
+import weakref
 from pathlib import Path
 
 from fastapi import FastAPI, Request as HttpRequest
@@ -154,7 +156,7 @@ def create_app(engine, settings: Settings, metrics) -> FastAPI:
         """Submit and answer, streamed or whole; ``shape`` builds the response objects."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        request = make_request(body, adapter, prompt_ids, lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+        request = make_request(body, adapter, prompt_ids, relay(loop, events))
         try:
             engine.submit(request)
         except QueueFull as error:
@@ -303,6 +305,40 @@ def create_app(engine, settings: Settings, metrics) -> FastAPI:
         return PlainTextResponse(metrics.render(bank), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+class _Relay:
+    """Hands engine events to the HTTP loop with one wake-up per batch of events, not one per
+    token: a step of 32 rows makes 32 events, and each ``call_soon_threadsafe`` writes to the
+    loop's wake-up pipe."""
+
+    def __init__(self, loop):
+        self.loop, self.lock, self.pending, self.scheduled = loop, threading.Lock(), [], False
+
+    def send(self, queue, event) -> None:
+        with self.lock:
+            self.pending.append((queue, event))
+            if self.scheduled:
+                return
+            self.scheduled = True
+        self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self.lock:
+            pending, self.pending, self.scheduled = self.pending, [], False
+        for queue, event in pending:
+            queue.put_nowait(event)
+
+
+_relays = weakref.WeakKeyDictionary()  # one relay per event loop
+
+
+def relay(loop, queue):
+    """The on_event callback of a request whose answer goes to ``queue`` on ``loop``."""
+    hub = _relays.get(loop)
+    if hub is None:
+        hub = _relays[loop] = _Relay(loop)
+    return lambda event: hub.send(queue, event)
 
 
 def check_name(name, base_name: str) -> None:

@@ -5,8 +5,9 @@ each request's ``on_event`` callback. Every iteration (Orca's iteration-level sc
 
 1. requests whose client went away are dropped, freeing their cache slot and adapter;
 2. waiting requests join, first come first served, while the batch has room and their adapter
-   can have a bank slot (``--max-loras`` distinct adapters at a time); each joining request's
-   prompt is prefilled alone into its own cache slot, so running requests are not recomputed;
+   can have a bank slot (``--max-loras`` distinct adapters at a time); the joining requests'
+   prompts are prefilled together, into their own cache slots, so running requests are not
+   recomputed;
 3. one decode step runs every running request, whatever its adapter (the bank groups the
    rows once for all layers), and each row samples its own next token;
 4. finished requests (end of text, ``max_tokens``, a stop sequence) leave, and their cache slot
@@ -160,10 +161,11 @@ class Engine:
                 self._count(request, "cancelled")
 
     def _admit(self) -> None:
-        while len(self.running) < self.max_batch:
-            with self.condition:
-                if not self.queue:
-                    return
+        """Move waiting requests into the batch (first come first served, while there is room and
+        an adapter slot) and prefill them together in one forward."""
+        joining = []
+        with self.condition:
+            while self.queue and len(self.running) + len(joining) < self.max_batch:
                 request = self.queue[0]
                 try:
                     slot = self.bank.acquire(request.adapter)
@@ -172,27 +174,32 @@ class Engine:
                     request.on_event({"error": f"adapter {request.adapter!r} was unloaded"})
                     self._count(request, "error")
                     continue
-                if slot is None:  # every adapter slot is held by running requests: wait, first come first served
-                    return
+                if slot is None:  # every adapter slot is held by running requests: wait, in order
+                    break
                 self.queue.popleft()
-            request.lora_slot, request.admitted = slot, time.perf_counter()
-            index = len(self.running)
-            self.running.append(request)
-            try:
-                self.bank.set_rows([slot])
-                logits = self.runner.prefill(index, request.prompt_ids)
-            except Exception as error:
-                self.running.pop()
+                request.lora_slot, request.admitted = slot, time.perf_counter()
+                joining.append(request)
+        if not joining:
+            return
+        first = len(self.running)
+        self.running.extend(joining)
+        try:
+            self.bank.set_rows([r.lora_slot for r in joining])
+            logits = self.runner.prefill(first, [r.prompt_ids for r in joining])
+        except Exception as error:
+            del self.running[first:]
+            for request in joining:
                 self.bank.release(request.adapter)
                 request.on_event({"error": f"{type(error).__name__}: {error}"})
                 self._count(request, "error")
-                continue
+            return
+        for request in joining:
             request.length = len(request.prompt_ids)
             if self.metrics:
                 label = request.adapter or self.base_name
                 self.metrics.queue_time.observe(request.admitted - request.arrived, adapter=label)
                 self.metrics.prompt_tokens.inc(len(request.prompt_ids), adapter=label)
-            self._advance([index], logits[None])
+        self._advance(list(range(first, first + len(joining))), logits)
 
     def _decode(self) -> None:
         self.bank.set_rows([r.lora_slot for r in self.running])

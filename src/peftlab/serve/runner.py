@@ -5,9 +5,9 @@ Continuous batching (Orca; vLLM) needs what a Hugging Face ``generate`` call doe
 rows that join and leave the batch at every step, each at its own position. So the runner
 walks the decoder's own modules (embedding, norms, q/k/v/o projections, MLP, head) itself:
 
-- ``prefill(slot, ids, adapter_slot)`` runs one new sequence's prompt and writes its keys and
-  values into its cache slot; the other sequences are not touched or recomputed.
-- ``decode(tokens, lengths, adapter_slots)`` feeds one token for each running sequence (slots
+- ``prefill(first, sequences)`` runs new sequences' prompts (one batch, right-padded) and writes
+  their keys and values into their cache slots; running sequences are not touched or recomputed.
+- ``decode(tokens, lengths)`` feeds one token for each running sequence (slots
   ``0..n-1``, each at its own length) and returns their next-token logits. Rows of different
   lengths attend over their own slot with a mask; nothing is copied between steps.
 - ``release(slot, last)`` frees a finished sequence's slot by moving the last running slot's
@@ -81,17 +81,22 @@ class DecoderRunner:
     # ---- steps ---------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def prefill(self, slot: int, ids: list) -> torch.Tensor:
-        """Run a new sequence's prompt into cache slot ``slot``; return its next-token logits."""
-        length = len(ids)
+    def prefill(self, first: int, sequences: list) -> torch.Tensor:
+        """Run new sequences' prompts into cache slots ``first, first + 1, ...`` in one forward
+        (right-padded to the longest; each row attends to its own tokens only); return the
+        (n, vocab) next-token logits."""
+        lengths = [len(ids) for ids in sequences]
+        n, length = len(sequences), max(lengths)
         self._grow(length + 1)
-        tokens = torch.tensor([ids], device=self.device)
-        positions = torch.arange(length, device=self.device)[None]
+        tokens = torch.tensor([ids + [0] * (length - len(ids)) for ids in sequences], device=self.device)
+        positions = torch.arange(length, device=self.device).expand(n, length)
         causal = torch.ones(length, length, dtype=torch.bool, device=self.device).tril()
-        mask = causal.repeat(self.groups, 1)  # the grouped query rows of one key head
-        hidden = self._forward(tokens, positions, mask, slots=slice(slot, slot + 1), write=slice(0, length),
+        real = positions < torch.tensor(lengths, device=self.device)[:, None]  # (n, length): not padding
+        mask = (causal[None] & real[:, None, :]).repeat(1, self.groups, 1)[:, None]  # (n, 1, groups * length, length)
+        hidden = self._forward(tokens, positions, mask, slots=slice(first, first + n), write=slice(0, length),
                                span=length)
-        return self._logits(hidden[:, -1])[0]
+        last = torch.tensor(lengths, device=self.device) - 1
+        return self._logits(hidden[torch.arange(n, device=self.device), last])
 
     @torch.inference_mode()
     def decode(self, tokens: list, lengths: list) -> torch.Tensor:
