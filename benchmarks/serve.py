@@ -154,9 +154,9 @@ def single_adapter_outputs(paths: dict, batch: list, tokens: int, pad: int) -> l
 
 # ---- load: each system as a server, the same workload ------------------------------------------
 
-def start_server(engine: str, paths: dict, port: int, threads: int, extra=()) -> subprocess.Popen:
+def start_server(engine: str, paths: dict, port: int, threads: int, extra=(), max_batch: int = 32) -> subprocess.Popen:
     command = [sys.executable, "-m", "peftlab", "serve", "--base", str(cached_model_dir()), "--port", str(port),
-               "--engine", engine, "--threads", str(threads), "--max-batch", "32", "--max-loras", "32",
+               "--engine", engine, "--threads", str(threads), "--max-batch", str(max_batch), "--max-loras", "32",
                "--max-cpu-loras", "64", *extra]
     for name, path in paths.items():
         command += ["--adapter", f"{name}={path}"]
@@ -200,7 +200,7 @@ def load(args) -> dict:
     results = {}
     texts = {}
     for system in args.systems.split(","):
-        server = start_server(system, paths, args.port, args.threads)
+        server = start_server(system, paths, args.port, args.threads, max_batch=args.max_batch)
         try:
             base = "smollm2-135m-fp32"
             for rate in args.rate:
@@ -222,7 +222,7 @@ def load(args) -> dict:
         for other in systems[1:]:
             results.setdefault("mismatches", {})[f"{systems[0]} vs {other} @ {rate}"] = sum(
                 a != b for a, b in zip(reference, texts[(other, rate)]))
-    return {"adapters": args.adapters, "requests": args.requests, "cv": args.cv, "alpha": args.alpha,
+    return {"adapters": args.adapters, "requests": args.requests, "max_batch": args.max_batch, "cv": args.cv, "alpha": args.alpha,
             "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens, "threads": args.threads,
             "results": results}
 
@@ -235,7 +235,8 @@ def soak(args) -> dict:
 
     paths = make_adapters(args.adapters)
     tokenizer = load_tokenizer(str(cached_model_dir()))
-    server = start_server("peftlab", paths, args.port, args.threads, extra=["--max-queue", str(args.max_queue)])
+    server = start_server("peftlab", paths, args.port, args.threads, extra=["--max-queue", str(args.max_queue)],
+                          max_batch=args.max_batch)
     samples = []
     try:
         requests = int(args.rate * args.minutes * 60)
@@ -300,6 +301,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--minutes", type=float, default=10)
     parser.add_argument("--max-queue", type=int, default=64)
+    parser.add_argument("--max-batch", type=int, default=32, help="running batch of every system")
     args = parser.parse_args()
     if args.mode == "soak":
         args.rate = args.rate[0]
