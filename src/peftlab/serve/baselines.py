@@ -21,7 +21,7 @@ from collections import deque
 import torch
 
 from ..errors import ConfigError, StateError
-from .engine import QueueFull, ShuttingDown
+from .engine import QueueingEngine
 
 BASE = "__base__"  # PEFT's name for base-model rows in adapter_names
 MODES = ("peft-mixed", "peft-swap")
@@ -69,57 +69,19 @@ class PeftAdapters:
                     "registered": len(self.paths)}
 
 
-class StaticBatchEngine:
+class StaticBatchEngine(QueueingEngine):
     """The engine interface of the app (submit, start, stop, busy, load) with static FIFO batches."""
 
     def __init__(self, bank: PeftAdapters, tokenizer, stop_ids, mode: str, *, max_batch: int = 32, max_queue: int = 256,
                  max_context: int = 2048, metrics=None, base_name: str = "base"):
         if mode not in MODES:
             raise ConfigError(f"unknown baseline {mode!r}; choose from {', '.join(MODES)}")
+        super().__init__(max_queue)
         self.bank, self.tokenizer, self.mode = bank, tokenizer, mode
         self.stop_ids = set(stop_ids)
-        self.max_batch, self.max_queue, self.max_context = max_batch, max_queue, max_context
+        self.max_batch, self.max_context = max_batch, max_context
         self.metrics, self.base_name = metrics, base_name
-        self.queue = deque()
-        self.running = []
-        self.condition = threading.Condition()
-        self.accepting, self.stopping = True, False
-        self.thread = None
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-    def start(self):
-        self.thread = threading.Thread(target=self._loop, name=f"{self.mode}-engine", daemon=True)
-        self.thread.start()
-        return self
-
-    def submit(self, request) -> None:
-        with self.condition:
-            if not self.accepting:
-                raise ShuttingDown("the server is shutting down and takes no new requests")
-            if len(self.queue) >= self.max_queue:
-                raise QueueFull(f"the queue is full ({self.max_queue} waiting requests)")
-            self.queue.append(request)
-            self.condition.notify()
-
-    def stop(self, timeout: float = 60.0) -> None:
-        with self.condition:
-            self.accepting = False
-        deadline = time.perf_counter() + timeout
-        while self.busy() and time.perf_counter() < deadline:
-            time.sleep(0.02)
-        with self.condition:
-            self.stopping = True
-            self.condition.notify()
-        if self.thread:
-            self.thread.join(timeout=10)
-
-    def busy(self) -> bool:
-        with self.condition:
-            return bool(self.queue or self.running)
-
-    def load(self) -> dict:
-        with self.condition:
-            return {"waiting": len(self.queue), "running": len(self.running)}
 
     def _loop(self) -> None:
         while True:

@@ -68,24 +68,20 @@ class Request:
         self.cancelled = True
 
 
-class Engine:
-    def __init__(self, runner, bank, tokenizer, stop_ids, *, max_batch: int = 32, max_queue: int = 256,
-                 max_context: int = 2048, metrics=None, base_name: str = "base"):
-        self.runner, self.bank, self.tokenizer = runner, bank, tokenizer
-        self.stop_ids = set(stop_ids)
-        self.max_batch, self.max_queue, self.max_context = max_batch, max_queue, max_context
-        self.metrics, self.base_name = metrics, base_name
+class QueueingEngine:
+    """What every engine behind the API shares: the bounded waiting queue, the loop's thread,
+    and draining on stop. A subclass's ``_loop`` runs the requests."""
+
+    def __init__(self, max_queue: int):
+        self.max_queue = max_queue
         self.queue = deque()
-        self.running = []  # running[i] owns cache slot i
+        self.running = []
         self.condition = threading.Condition()
         self.accepting, self.stopping = True, False
         self.thread = None
-        self.steps = 0
 
-    # ---- the outside -----------------------------------------------------------------------
-
-    def start(self) -> "Engine":
-        self.thread = threading.Thread(target=self._loop, name="peftlab-engine", daemon=True)
+    def start(self) -> "QueueingEngine":
+        self.thread = threading.Thread(target=self._loop, name=f"{type(self).__name__}-loop", daemon=True)
         self.thread.start()
         return self
 
@@ -115,7 +111,8 @@ class Engine:
         if self.thread:
             self.thread.join(timeout=10)
         for request in list(self.queue) + self.running:  # what the deadline cut off
-            request.on_event({"error": "the server shut down before this request finished"})
+            if request.finish_reason is None:
+                request.on_event({"error": "the server shut down before this request finished"})
 
     def busy(self) -> bool:
         with self.condition:
@@ -124,6 +121,20 @@ class Engine:
     def load(self) -> dict:
         with self.condition:
             return {"waiting": len(self.queue), "running": len(self.running)}
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+
+class Engine(QueueingEngine):
+    def __init__(self, runner, bank, tokenizer, stop_ids, *, max_batch: int = 32, max_queue: int = 256,
+                 max_context: int = 2048, metrics=None, base_name: str = "base"):
+        super().__init__(max_queue)
+        self.runner, self.bank, self.tokenizer = runner, bank, tokenizer
+        self.stop_ids = set(stop_ids)
+        self.max_batch, self.max_context = max_batch, max_context
+        self.metrics, self.base_name = metrics, base_name
+        self.steps = 0
 
     # ---- the loop --------------------------------------------------------------------------
 
