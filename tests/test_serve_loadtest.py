@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import statistics
 
 import pytest
@@ -64,3 +65,18 @@ def test_baselines_and_the_engine_answer_the_same_requests_alike(tmp_path, engin
         assert all(o.tokens == p.max_tokens for o, p in zip(outcomes, planned))  # ignore_eos: the drawn lengths
         texts[kind] = [o.text for o in outcomes]
     assert texts["peftlab"] == texts[engine]
+
+
+def test_the_loadtest_command_writes_json_and_a_plot(tmp_path):
+    from peftlab.cli import main
+
+    model, tokenizer = tiny_lm()
+    paths = save_adapters(copy.deepcopy(model), tmp_path, 2)
+    app, _ = build_server("tiny", paths, model=model, tokenizer=tokenizer, keys={"k": {"*"}})
+    with LiveServer(app) as url:
+        code = main(["loadtest", "--url", url, "--api-key", "k", "--requests", "6", "--rate", "20", "--tokenizer", "none",
+                     "--prompt-tokens", "3,6", "--output-tokens", "2,4", "--out", str(tmp_path / "out")])
+    assert code == 0
+    report = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert report["summary"]["completed"] == 6 and set(report["workload"]["adapters"]) == {"a0", "a1"}
+    assert (tmp_path / "out" / "result.png").stat().st_size > 1000

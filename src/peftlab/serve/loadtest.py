@@ -138,10 +138,10 @@ async def _one(client, url: str, headers: dict, item: Planned, start: float, out
                 if "error" in data:
                     outcome.error = str(data["error"])[:300]
                     break
-                for choice in data.get("choices") or []:
+                for choice in data.get("choices") or []:  # the first chunk marks the first token, even
+                    now = time.perf_counter() - start         # if its text is empty (a special token)
+                    outcome.first = outcome.first if outcome.first is not None else now
                     if choice.get("text"):
-                        now = time.perf_counter() - start
-                        outcome.first = outcome.first if outcome.first is not None else now
                         outcome.token_times.append(now)
                         outcome.text += choice["text"]
                 if data.get("usage"):
