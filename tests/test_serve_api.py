@@ -228,3 +228,50 @@ def test_a_client_that_goes_away_frees_its_row_and_shutdown_drains(served):
     thread.join(timeout=30)  # the server stopped only after the running request finished
     assert answers and answers[0]["choices"][0]["finish_reason"] == "length"
     assert answers[0]["usage"]["completion_tokens"] == 20
+
+
+def test_the_serve_command_answers_and_drains_on_sigterm(tmp_path):
+    """``peftlab serve`` as a user runs it: its own process, the engine in the main thread, uvicorn
+    beside it; SIGTERM lets the running request finish, then the process exits cleanly."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    model, tokenizer = tiny_lm()
+    paths = save_adapters(copy.deepcopy(model), tmp_path, 1)
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "peftlab", "serve", "--base", str(tmp_path / "base"),
+                                "--adapter", f"a0={paths['a0']}", "--port", str(port), "--threads", "1"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert process.poll() is None, process.stderr.read()
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "the server did not start"
+            time.sleep(0.2)
+        body = {"model": "a0", "prompt": "say cat", "max_tokens": 200, "temperature": 0, "ignore_eos": True}
+        answers = []
+        thread = threading.Thread(target=lambda: answers.append(httpx.post(f"{url}/v1/completions", json=body,
+                                                                           timeout=60).json()))
+        thread.start()
+        while thread.is_alive() and httpx.get(f"{url}/health", timeout=5).json()["running"] == 0:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)  # while the request runs (or just after it finished)
+        thread.join(timeout=60)
+        assert process.wait(timeout=60) == 0
+        assert answers and answers[0]["usage"]["completion_tokens"] == 200
+    finally:
+        if process.poll() is None:
+            process.kill()

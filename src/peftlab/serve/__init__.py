@@ -126,6 +126,34 @@ def run_serve(args) -> int:
         max_batch=args.max_batch, max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens,
         max_tokens_limit=args.max_tokens_limit, keys=read_keys(args.api_keys, args.api_key),
         adapter_root=args.adapter_root, device=args.device, engine=args.engine)
-    print(f"serving {args.base} with {len(adapters)} adapter(s) on http://{args.host}:{args.port}/v1", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=60)
+    serve_in_main_thread(app, engine, uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
+                                                                    log_level="warning", timeout_graceful_shutdown=60)))
     return 0
+
+
+def serve_in_main_thread(app, engine, server) -> None:
+    """The engine's loop in this (main) thread, uvicorn in a second one: the loop's torch kernels
+    run faster in the main thread (``QueueingEngine.run``). SIGINT / SIGTERM shut uvicorn down,
+    whose shutdown drains and stops the engine; if uvicorn ends any other way (say, the port is
+    taken), the engine stops too."""
+    import signal
+    import threading
+
+    def http():
+        try:
+            server.run()
+        finally:
+            engine.stop(timeout=0)
+
+    def shut_down(signum, frame):
+        server.should_exit = True
+
+    engine.external = True
+    thread = threading.Thread(target=http, name="http", daemon=True)
+    signal.signal(signal.SIGINT, shut_down)
+    signal.signal(signal.SIGTERM, shut_down)
+    thread.start()
+    config = server.config
+    print(f"serving on http://{config.host}:{config.port}/v1", flush=True)
+    engine.run()
+    thread.join(timeout=30)

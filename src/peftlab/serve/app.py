@@ -63,7 +63,7 @@ def create_app(engine, settings: Settings, metrics) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        if engine.thread is None:
+        if engine.thread is None and not engine.external:
             engine.start()
         yield
         await asyncio.to_thread(engine.stop, settings.drain_seconds)  # finish what is queued and running

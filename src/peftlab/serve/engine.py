@@ -79,11 +79,24 @@ class QueueingEngine:
         self.condition = threading.Condition()
         self.accepting, self.stopping = True, False
         self.thread = None
+        self.external = False  # True: the owner calls run() in a thread of its own (peftlab serve: the main thread)
+        self.looping = False
 
     def start(self) -> "QueueingEngine":
-        self.thread = threading.Thread(target=self._loop, name=f"{type(self).__name__}-loop", daemon=True)
+        """Run the loop in a new thread."""
+        self.thread = threading.Thread(target=self.run, name=f"{type(self).__name__}-loop", daemon=True)
         self.thread.start()
         return self
+
+    def run(self) -> None:
+        """Run the loop in the calling thread until ``stop``. ``peftlab serve`` runs it in the main
+        thread and the HTTP server beside it: torch's CPU kernels ran ~1.35x slower when the
+        loop ran in a second thread (264 vs 195 tok/s on the same workload, in-process)."""
+        self.looping = True
+        try:
+            self._loop()
+        finally:
+            self.looping = False
 
     def submit(self, request: Request) -> None:
         with self.condition:
@@ -103,7 +116,7 @@ class QueueingEngine:
             self.accepting = False
             self.condition.notify()
         deadline = time.perf_counter() + timeout
-        while self.busy() and time.perf_counter() < deadline and self.thread and self.thread.is_alive():
+        while self.busy() and time.perf_counter() < deadline and self.looping:
             time.sleep(0.02)
         with self.condition:
             self.stopping = True
