@@ -174,26 +174,26 @@ def load_model(name_or_path: str = "smollm2-135m", task: str = "causal-lm", num_
 
 def load_tokenizer(name_or_path: str = "smollm2-135m"):
     """The tokenizer of a model (built-in name, folder or hub name), without its weights."""
-    from transformers import AutoTokenizer
-
-    name = canonical_name(name_or_path)
     try:
-        with _quiet_loading(True):
-            if name == "smollm2-135m":
-                with _faster_gguf():
-                    return AutoTokenizer.from_pretrained(smollm2_folder(), gguf_file=SMOLLM2_GGUF)
-            return AutoTokenizer.from_pretrained(minilm_folder() if name == "minilm" else name_or_path)
+        with _quiet_loading(True), _faster_gguf():
+            return _tokenizer(canonical_name(name_or_path), name_or_path)
     except (OSError, ValueError) as error:
         raise PeftlabError(f"could not load the tokenizer of {name_or_path!r}: {str(error).strip()[:200]}") from None
 
 
-def _load(auto, name, name_or_path, task, dtype, extra):
+def _tokenizer(name: str, name_or_path: str):
     from transformers import AutoTokenizer
 
     if name == "smollm2-135m":
+        return AutoTokenizer.from_pretrained(smollm2_folder(), gguf_file=SMOLLM2_GGUF)
+    return AutoTokenizer.from_pretrained(minilm_folder() if name == "minilm" else name_or_path)
+
+
+def _load(auto, name, name_or_path, task, dtype, extra):
+    if name == "smollm2-135m":
         folder = smollm2_folder()
-        with _faster_gguf():
-            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_GGUF)
+        with _faster_gguf():  # the tokenizer and the weights share one parse of the GGUF
+            tokenizer = _tokenizer(name, name_or_path)
             model = auto.from_pretrained(folder, gguf_file=SMOLLM2_GGUF, dtype=dtype, **extra)
         # The weights are plain dequantized tensors now; drop the GGUF note so that
         # save_pretrained writes (and from_pretrained reads back) an ordinary model.
@@ -205,7 +205,6 @@ def _load(auto, name, name_or_path, task, dtype, extra):
     if name == "minilm":
         if task == "causal-lm":
             raise ConfigError("minilm is an encoder (BERT) and cannot generate text; use task='sequence-classification'")
-        folder = minilm_folder()
-        return auto.from_pretrained(folder, dtype=dtype, **extra), AutoTokenizer.from_pretrained(folder)
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        return auto.from_pretrained(minilm_folder(), dtype=dtype, **extra), _tokenizer(name, name_or_path)
+    tokenizer = _tokenizer(name, name_or_path)
     return auto.from_pretrained(name_or_path, dtype=dtype, **extra), tokenizer

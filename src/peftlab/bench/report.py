@@ -210,14 +210,15 @@ def majority_baseline(task: str, rows: list) -> float | None:
     for row in rows:
         if row.get("task") == task and row.get("majority") is not None:
             return row["majority"]
-    try:
-        from .tasks import get_task
+    from ..errors import PeftlabError
+    from .tasks import get_task
 
+    try:
         spec = get_task(task)
         if spec.kind != "classification":
             return None
         labels = [str(r[spec.label_key]) for r in spec.rows()[1]]
-    except Exception:  # no data here: the report goes without the line
+    except (PeftlabError, OSError, KeyError):  # no data here (or not a known task): no such line
         return None
     return max(labels.count(label) for label in set(labels)) / len(labels)
 

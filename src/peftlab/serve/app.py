@@ -113,9 +113,7 @@ def create_app(engine, settings: Settings, metrics) -> FastAPI:
         return body
 
     def number(body, key, default, low, high, kind=float):
-        value = body.get(key, default)
-        if value is None:
-            value = default
+        value = default if body.get(key) is None else body[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
             raise ApiError(400, f"'{key}' must be a {'whole ' if kind is int else ''}number", param=key)
         if not low <= value <= high:

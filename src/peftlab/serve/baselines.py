@@ -72,15 +72,11 @@ class PeftAdapters:
 class StaticBatchEngine(QueueingEngine):
     """The engine interface of the app (submit, start, stop, busy, load) with static FIFO batches."""
 
-    def __init__(self, bank: PeftAdapters, tokenizer, stop_ids, mode: str, *, max_batch: int = 32, max_queue: int = 256,
-                 max_context: int = 2048, metrics=None, base_name: str = "base"):
+    def __init__(self, bank: PeftAdapters, tokenizer, stop_ids, mode: str, **options):
         if mode not in MODES:
             raise ConfigError(f"unknown baseline {mode!r}; choose from {', '.join(MODES)}")
-        super().__init__(max_queue)
-        self.bank, self.tokenizer, self.mode = bank, tokenizer, mode
-        self.stop_ids = set(stop_ids)
-        self.max_batch, self.max_context = max_batch, max_context
-        self.metrics, self.base_name = metrics, base_name
+        super().__init__(tokenizer, stop_ids, **options)
+        self.bank, self.mode = bank, mode
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def _loop(self) -> None:
@@ -156,42 +152,15 @@ class StaticBatchEngine(QueueingEngine):
         """One new token of ``request``; True once the request is finished."""
         if request.finish_reason is not None:
             return True
-        now = time.perf_counter()
-        if request.first_token is None:
-            request.first_token = now
         if request.cancelled:
             request.finish_reason = "cancelled"
             return True
-        if token in self.stop_ids and not request.ignore_eos:
-            self._finish(request, "stop")
-            return True
-        request.output_ids.append(token)
-        text = self.tokenizer.decode(request.output_ids, skip_special_tokens=True)
-        for stop in request.stop:
-            at = text.find(stop)
-            if at >= 0:
-                self._emit(request, text[:at])
-                self._finish(request, "stop")
-                return True
-        hold = max((len(s) - 1 for s in request.stop), default=0)
-        self._emit(request, text[: max(len(text) - hold, request.emitted)].rstrip("\ufffd"))
-        if len(request.output_ids) >= request.max_tokens:
-            self._emit(request, text)
-            self._finish(request, "length")
-            return True
-        return False
-
-    def _emit(self, request, text: str) -> None:
-        if len(text) > request.emitted:
-            request.on_event({"text": text[request.emitted:]})
-            request.emitted = len(text)
+        reason = self._next_token(request, token)
+        if reason:
+            self._finish(request, reason)
+        return reason is not None
 
     def _finish(self, request, reason: str) -> None:
         request.finish_reason = reason
-        request.on_event({"done": reason, "prompt_tokens": len(request.prompt_ids),
-                          "completion_tokens": len(request.output_ids)})
-        if self.metrics:
-            label = request.adapter or self.base_name
-            self.metrics.requests.inc(adapter=label, outcome="ok")
-            self.metrics.output_tokens.inc(len(request.output_ids), adapter=label)
-            self.metrics.ttft.observe(request.first_token - request.arrived, adapter=label)
+        self._flush(request)
+        self._count(request, "ok")

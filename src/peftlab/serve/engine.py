@@ -72,8 +72,11 @@ class QueueingEngine:
     """What every engine behind the API shares: the bounded waiting queue, the loop's thread,
     and draining on stop. A subclass's ``_loop`` runs the requests."""
 
-    def __init__(self, max_queue: int):
-        self.max_queue = max_queue
+    def __init__(self, tokenizer, stop_ids, *, max_batch: int = 32, max_queue: int = 256, max_context: int = 2048,
+                 metrics=None, base_name: str = "base"):
+        self.tokenizer, self.stop_ids = tokenizer, set(stop_ids)
+        self.max_batch, self.max_queue, self.max_context = max_batch, max_queue, max_context
+        self.metrics, self.base_name = metrics, base_name
         self.queue = deque()
         self.running = []
         self.condition = threading.Condition()
@@ -138,16 +141,72 @@ class QueueingEngine:
     def _loop(self) -> None:
         raise NotImplementedError
 
+    # ---- what every engine does with a new token --------------------------------------------
+
+    def _first_token(self, request: Request) -> None:
+        if request.first_token is None:
+            request.first_token = time.perf_counter()
+            if self.metrics:
+                self.metrics.ttft.observe(request.first_token - request.arrived, adapter=request.adapter or self.base_name)
+
+    def _next_token(self, request: Request, token: int) -> str | None:
+        """Take ``token`` as ``request``'s next one and stream its text; the finish reason, if
+        this token ends the request."""
+        self._first_token(request)
+        if token in self.stop_ids and not request.ignore_eos:
+            return "stop"
+        request.output_ids.append(token)
+        reason = self._stream(request)
+        if reason is None and (len(request.output_ids) >= request.max_tokens
+                               or len(request.prompt_ids) + len(request.output_ids) >= self.max_context):
+            reason = "length"
+        return reason
+
+    def _stream(self, request: Request) -> str | None:
+        """Decode the request's text so far and send what is safe to send: text that cannot be the
+        start of a stop sequence, and no half of a multi-byte character. Returns "stop" when a
+        stop sequence appeared (the text is cut before it)."""
+        text = self.tokenizer.decode(request.output_ids, skip_special_tokens=True)
+        for stop in request.stop:
+            at = text.find(stop, max(0, request.emitted - len(stop)))
+            if at >= 0:
+                request.text = text[:at]
+                return "stop"
+        request.text = text
+        hold = max((len(s) - 1 for s in request.stop), default=0)
+        safe = len(text) - hold
+        while safe > request.emitted and text[safe - 1] == "\ufffd":
+            safe -= 1
+        if safe > request.emitted:
+            request.on_event({"text": text[request.emitted:safe]})
+            request.emitted = safe
+        return None
+
+    def _flush(self, request: Request) -> None:
+        text = request.text.rstrip("\ufffd") if request.finish_reason != "stop" else request.text
+        if len(text) > request.emitted:
+            request.on_event({"text": text[request.emitted:]})
+            request.emitted = len(text)
+        request.on_event({"done": request.finish_reason, "prompt_tokens": len(request.prompt_ids),
+                          "completion_tokens": len(request.output_ids)})
+
+    def _count(self, request: Request, outcome: str) -> None:
+        if not self.metrics:
+            return
+        label = request.adapter or self.base_name
+        self.metrics.requests.inc(adapter=label, outcome=outcome)
+        self.metrics.output_tokens.inc(len(request.output_ids), adapter=label)
+        if outcome == "ok" and request.first_token is not None:
+            now = time.perf_counter()
+            self.metrics.e2e.observe(now - request.arrived, adapter=label)
+            if len(request.output_ids) > 1:
+                self.metrics.tpot.observe((now - request.first_token) / (len(request.output_ids) - 1), adapter=label)
+
 
 class Engine(QueueingEngine):
-    def __init__(self, runner, bank, tokenizer, stop_ids, *, max_batch: int = 32, max_queue: int = 256,
-                 max_context: int = 2048, metrics=None, base_name: str = "base"):
-        super().__init__(max_queue)
-        self.runner, self.bank, self.tokenizer = runner, bank, tokenizer
-        self.stop_ids = set(stop_ids)
-        self.max_batch, self.max_context = max_batch, max_context
-        self.metrics, self.base_name = metrics, base_name
-        self.steps = 0
+    def __init__(self, runner, bank, tokenizer, stop_ids, **options):
+        super().__init__(tokenizer, stop_ids, **options)
+        self.runner, self.bank = runner, bank
 
     # ---- the loop --------------------------------------------------------------------------
 
@@ -168,7 +227,6 @@ class Engine(QueueingEngine):
         self._admit()
         if self.running:
             self._decode()
-        self.steps += 1
         if self.metrics:
             self.metrics.running.set(len(self.running))
             self.metrics.waiting.set(len(self.queue))
@@ -239,21 +297,7 @@ class Engine(QueueingEngine):
         finished = []
         for j, i in enumerate(rows):
             request = self.running[i]
-            token = greedy[j] if request.temperature == 0 else sample(logits[j], request)
-            now = time.perf_counter()
-            if request.first_token is None:
-                request.first_token = now
-                if self.metrics:
-                    self.metrics.ttft.observe(now - request.arrived, adapter=request.adapter or self.base_name)
-            reason = None
-            if token in self.stop_ids and not request.ignore_eos:
-                reason = "stop"
-            else:
-                request.output_ids.append(token)
-                reason = self._stream(request)
-                if reason is None and (len(request.output_ids) >= request.max_tokens
-                                       or request.length + 1 >= self.max_context):
-                    reason = "length"
+            reason = self._next_token(request, greedy[j] if request.temperature == 0 else sample(logits[j], request))
             if reason:
                 request.finish_reason = reason
                 finished.append(i)
@@ -263,34 +307,6 @@ class Engine(QueueingEngine):
             self._flush(request)
             self._count(request, "ok")
 
-    def _stream(self, request: Request) -> str | None:
-        """Decode the request's text so far and send what is safe to send: text that cannot be the
-        start of a stop sequence, and no half of a multi-byte character. Returns "stop" when a
-        stop sequence appeared (the text is cut before it)."""
-        text = self.tokenizer.decode(request.output_ids, skip_special_tokens=True)
-        for stop in request.stop:
-            at = text.find(stop, max(0, request.emitted - len(stop)))
-            if at >= 0:
-                request.text = text[:at]
-                return "stop"
-        request.text = text
-        hold = max((len(s) - 1 for s in request.stop), default=0)
-        safe = len(text) - hold
-        while safe > request.emitted and text[safe - 1] == "\ufffd":
-            safe -= 1
-        if safe > request.emitted:
-            request.on_event({"text": text[request.emitted:safe]})
-            request.emitted = safe
-        return None
-
-    def _flush(self, request: Request) -> None:
-        text = request.text.rstrip("\ufffd") if request.finish_reason != "stop" else request.text
-        if len(text) > request.emitted:
-            request.on_event({"text": text[request.emitted:]})
-            request.emitted = len(text)
-        request.on_event({"done": request.finish_reason, "prompt_tokens": len(request.prompt_ids),
-                          "completion_tokens": len(request.output_ids)})
-
     def _leave(self, i: int) -> None:
         """Take running[i] out of the batch: the last running row moves into its cache slot."""
         request, last = self.running[i], len(self.running) - 1
@@ -298,18 +314,6 @@ class Engine(QueueingEngine):
         self.running[i] = self.running[last]
         self.running.pop()
         self.bank.release(request.adapter)
-
-    def _count(self, request: Request, outcome: str) -> None:
-        if not self.metrics:
-            return
-        label = request.adapter or self.base_name
-        self.metrics.requests.inc(adapter=label, outcome=outcome)
-        self.metrics.output_tokens.inc(len(request.output_ids), adapter=label)
-        if outcome == "ok" and request.first_token is not None:
-            now = time.perf_counter()
-            self.metrics.e2e.observe(now - request.arrived, adapter=label)
-            if len(request.output_ids) > 1:
-                self.metrics.tpot.observe((now - request.first_token) / (len(request.output_ids) - 1), adapter=label)
 
     def _fail_all(self, message: str) -> None:
         for i in reversed(range(len(self.running))):

@@ -20,7 +20,7 @@ import math
 import random
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -116,7 +116,6 @@ class Outcome:
     done: float | None = None
     tokens: int = 0
     text: str = ""
-    token_times: list = field(default_factory=list)
 
 
 async def _one(client, url: str, headers: dict, item: Planned, start: float, outcome: Outcome, greedy: bool) -> None:
@@ -139,11 +138,9 @@ async def _one(client, url: str, headers: dict, item: Planned, start: float, out
                     outcome.error = str(data["error"])[:300]
                     break
                 for choice in data.get("choices") or []:  # the first chunk marks the first token, even
-                    now = time.perf_counter() - start         # if its text is empty (a special token)
-                    outcome.first = outcome.first if outcome.first is not None else now
-                    if choice.get("text"):
-                        outcome.token_times.append(now)
-                        outcome.text += choice["text"]
+                    if outcome.first is None:                 # if its text is empty (a special token)
+                        outcome.first = time.perf_counter() - start
+                    outcome.text += choice.get("text") or ""
                 if data.get("usage"):
                     outcome.tokens = data["usage"]["completion_tokens"]
     except Exception as error:  # a refused or dropped connection is an error of the run, not of the tool
@@ -308,7 +305,7 @@ def run_loadtest(args) -> int:
     outcomes, seconds = asyncio.run(run_load(args.url, planned, args.api_key))
     summary = summarize(outcomes, seconds, args.slo)
     report = {"workload": {**asdict(workload), "url": args.url}, "summary": summary,
-              "requests": [asdict(o) | {"token_times": None} for o in outcomes]}
+              "requests": [asdict(o) for o in outcomes]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.label}.json").write_text(json.dumps(report, indent=1))

@@ -46,10 +46,6 @@ class LoraWeights:
     rank: int
     modules: dict
 
-    @property
-    def nbytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b, _ in self.modules.values())
-
 
 def read_lora(name: str, path, shapes: dict, max_rank: int, base_fingerprint: str | None = None) -> LoraWeights:
     """Read and check the LoRA adapter in folder ``path`` against the base's module ``shapes``
@@ -77,7 +73,7 @@ def read_lora(name: str, path, shapes: dict, max_rank: int, base_fingerprint: st
                                      "LoRA on linear layers (lora_A / lora_B) only")
         if module not in shapes:
             raise IncompatibleBaseError(f"adapter {name!r} adapts '{module}', which is not a linear layer the server "
-                                        f"can adapt on this base (it adapts {', '.join(_short(shapes))})")
+                                        f"can adapt on this base (it adapts {', '.join(sorted({m.rsplit('.', 1)[-1] for m in shapes}))})")
         A, B = local["lora_A.weight"].float(), local["lora_B.weight"].float()
         out_features, in_features = shapes[module]
         if A.dim() != 2 or B.dim() != 2 or A.shape[1] != in_features or B.shape[0] != out_features or A.shape[0] != B.shape[1]:
@@ -92,11 +88,6 @@ def read_lora(name: str, path, shapes: dict, max_rank: int, base_fingerprint: st
     if not modules:
         raise AdapterFormatError(f"adapter {name!r} ({path}) holds no LoRA tensors")
     return LoraWeights(name, str(path), rank, modules)
-
-
-def _short(shapes: dict) -> list:
-    suffixes = sorted({m.rsplit(".", 1)[-1] for m in shapes})
-    return suffixes
 
 
 class StepRouting(Routing):
@@ -246,22 +237,16 @@ class LoraBank:
         with self.lock:
             self.refs[name] -= 1
 
-    def can_acquire(self, name: str | None) -> bool:
-        with self.lock:
-            return name is None or name in self.slot_of or self._free_slot(peek=True) is not None
-
-    def _free_slot(self, peek: bool = False) -> int | None:
+    def _free_slot(self) -> int | None:
         for slot in range(1, self.max_loras + 1):
             if self.slot_names[slot] is None:
                 return slot
         for name in self.slot_order:  # least recently used resident adapter that no request holds
             if not self.refs.get(name):
-                slot = self.slot_of[name]
-                if not peek:
-                    del self.slot_of[name]
-                    del self.slot_order[name]
-                    self.slot_names[slot] = None
-                    self.stats["slot_evictions"] += 1
+                slot = self.slot_of.pop(name)
+                del self.slot_order[name]
+                self.slot_names[slot] = None
+                self.stats["slot_evictions"] += 1
                 return slot
         return None
 

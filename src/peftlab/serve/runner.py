@@ -75,9 +75,6 @@ class DecoderRunner:
             for cache in self.keys + self.values:
                 cache[slot, :, :length] = cache[last, :, :length]
 
-    def cache_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
-
     # ---- steps ---------------------------------------------------------------------------
 
     @torch.inference_mode()
