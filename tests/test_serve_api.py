@@ -16,6 +16,7 @@ pytest.importorskip("uvicorn")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
+from peftlab.errors import ConfigError  # noqa: E402
 from peftlab.serve import build_server  # noqa: E402
 from peftlab.serve.engine import Request  # noqa: E402
 from serve_helpers import Collector, greedy_alone, save_adapters, tiny_lm  # noqa: E402
@@ -141,6 +142,8 @@ def test_runtime_loading_stays_under_the_adapter_root(served, tmp_path):
     with TestClient(closed) as client:
         response = client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "a1"})
         assert response.status_code == 403 and "--adapter-root" in response.json()["error"]["message"]
+    with pytest.raises(ConfigError, match="--max-step-tokens must be a positive integer"):
+        build_server("tiny", {}, model=copy.deepcopy(base), tokenizer=engine.tokenizer, max_step_tokens=0)
 
 
 def free_port() -> int:
@@ -203,13 +206,13 @@ def test_a_client_that_goes_away_frees_its_row_and_shutdown_drains(served):
 
     app, engine, *_ = served
     body = {"model": "a0", "prompt": "abc", "max_tokens": 20, "temperature": 0, "ignore_eos": True, "stream": True}
-    slow = engine.runner.decode
+    slow = engine.runner.step
 
     def slower(*args):
         time.sleep(0.05)
         return slow(*args)
 
-    engine.runner.decode = slower
+    engine.runner.step = slower
     with LiveServer(app) as url:
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as response:
             next(response.iter_lines())  # the first token arrived; now hang up

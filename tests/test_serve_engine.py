@@ -49,26 +49,35 @@ def run_all(engine, requests, join_every: int = 0):
     return steps
 
 
-def test_prefill_and_decode_equal_the_models_own_forward():
+def test_packed_steps_equal_the_models_own_forward():
     model, _ = tiny_lm()
     runner = DecoderRunner(model, max_sequences=4, capacity=4)  # small: the cache must grow on the way
     sequences = prompts(3, seed=1)
-    logits = runner.prefill(0, sequences[:1])  # one alone, then two of different lengths together
-    logits = torch.cat([logits, runner.prefill(1, sequences[1:])])
+
+    def expected(ids):
+        return model(torch.tensor([ids])).logits[0, -1]
+
+    logits = runner.step([], [], sequences[:1])  # one prompt alone
+    torch.testing.assert_close(logits[0], expected(sequences[0]), rtol=1e-4, atol=1e-5)
+    lengths = [len(sequences[0])]
+    nxt = [int(torch.randint(8, 51, ()))]
+    logits = runner.step(nxt, lengths, sequences[1:])  # a running row and two prompts of different lengths, packed
+    sequences[0].append(nxt[0])
+    assert logits.shape[0] == 3
     for slot, ids in enumerate(sequences):
-        torch.testing.assert_close(logits[slot], model(torch.tensor([ids])).logits[0, -1], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(logits[slot], expected(ids), rtol=1e-4, atol=1e-5)
     lengths = [len(s) for s in sequences]
     for _ in range(5):  # rows of different lengths decode together
         nxt = [int(torch.randint(8, 51, ())) for _ in sequences]
-        logits = runner.decode(nxt, lengths)
+        logits = runner.step(nxt, lengths)
         for i, ids in enumerate(sequences):
             ids.append(nxt[i])
-            torch.testing.assert_close(logits[i], model(torch.tensor([ids])).logits[0, -1], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(logits[i], expected(ids), rtol=1e-4, atol=1e-5)
         lengths = [n + 1 for n in lengths]
     runner.release(0, 2, lengths[2])  # slot 2's sequence moves into slot 0
-    logits = runner.decode([5, 6], [lengths[2], lengths[1]])
-    torch.testing.assert_close(logits[0], model(torch.tensor([sequences[2] + [5]])).logits[0, -1], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(logits[1], model(torch.tensor([sequences[1] + [6]])).logits[0, -1], rtol=1e-4, atol=1e-5)
+    logits = runner.step([5, 6], [lengths[2], lengths[1]])
+    torch.testing.assert_close(logits[0], expected(sequences[2] + [5]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits[1], expected(sequences[1] + [6]), rtol=1e-4, atol=1e-5)
 
 
 def test_gather_lora_delta_equals_the_per_segment_reference():
@@ -111,22 +120,40 @@ def test_requests_join_and_leave_at_every_step_without_recomputing_others(tmp_pa
     model, tokenizer = tiny_lm()
     paths = save_adapters(copy.deepcopy(model), tmp_path, 2)
     engine = make_engine(model, tokenizer, paths)
-    prefills = []
-    original = engine.runner.prefill
-    engine.runner.prefill = lambda first, seqs: prefills.extend(len(ids) for ids in seqs) or original(first, seqs)
+    steps = []  # (running tokens, prompt lengths) of each forward pass
+    original = engine.runner.step
+    engine.runner.step = lambda tokens, lengths, new=(): steps.append((len(tokens), [len(p) for p in new])) or original(
+        tokens, lengths, new)
     first = Request(adapter="a0", prompt_ids=[9, 10, 11], max_tokens=12, on_event=Collector(), temperature=0, ignore_eos=True)
     engine.submit(first)
     engine.step()
     engine.step()
     second = Request(adapter="a1", prompt_ids=[12, 13], max_tokens=3, on_event=Collector(), temperature=0, ignore_eos=True)
     engine.submit(second)
-    engine.step()  # the newcomer is prefilled (its first token), then decodes with the first request
-    assert prefills == [3, 2] and len(engine.running) == 2 and len(second.output_ids) == 2
+    engine.step()  # the newcomer's prompt shares the first request's decode step and yields its first token
+    assert steps == [(0, [3]), (1, []), (1, [2])] and len(engine.running) == 2
+    assert len(first.output_ids) == 3 and len(second.output_ids) == 1
+    engine.step()
     engine.step()
     assert second.finish_reason == "length" and len(engine.running) == 1  # it left; the first runs on
     while engine.busy():
         engine.step()
-    assert len(first.output_ids) == 12 and prefills == [3, 2]
+    assert len(first.output_ids) == 12 and [p for _, p in steps if p] == [[3], [2]]  # nothing was prefilled again
+
+
+def test_a_step_admits_prompts_up_to_its_token_budget(tmp_path):
+    model, tokenizer = tiny_lm()
+    engine = make_engine(model, tokenizer, save_adapters(copy.deepcopy(model), tmp_path, 1), max_step_tokens=5)
+    admitted = []
+    original = engine.runner.step
+    engine.runner.step = lambda tokens, lengths, new=(): admitted.append([len(p) for p in new]) or original(
+        tokens, lengths, new)
+    for length in (7, 3, 2, 4):
+        engine.submit(Request(adapter="a0", prompt_ids=list(range(9, 9 + length)), max_tokens=6, on_event=Collector(),
+                              temperature=0, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    assert admitted == [[7], [3, 2], [4]]  # a prompt longer than the budget still joins, alone
 
 
 def test_bank_keeps_adapters_in_use_loads_the_rest_from_disk_and_refuses_what_it_cannot_serve(tmp_path):

@@ -17,9 +17,9 @@ from ..errors import ConfigError
 
 
 def build_server(base: str, adapters: dict, *, max_loras: int = 16, max_cpu_loras: int = 64, max_lora_rank: int = 16,
-                 max_batch: int = 32, max_queue: int = 256, max_prompt_tokens: int = 1024, max_tokens_limit: int = 512,
-                 keys: dict | None = None, adapter_root: str | None = None, device: str = "cpu", model=None,
-                 tokenizer=None, drain_seconds: float = 60.0, engine: str = "peftlab"):
+                 max_batch: int = 32, max_step_tokens: int = 2048, max_queue: int = 256, max_prompt_tokens: int = 1024,
+                 max_tokens_limit: int = 512, keys: dict | None = None, adapter_root: str | None = None,
+                 device: str = "cpu", model=None, tokenizer=None, drain_seconds: float = 60.0, engine: str = "peftlab"):
     """(app, engine): the FastAPI app and its engine (started by the app's lifespan), with
     ``adapters`` (``{name: folder}``) registered and checked up front. ``engine`` is peftlab's
     continuous-batching engine, or a baseline over HF PEFT (``peft-mixed``, ``peft-swap``;
@@ -33,6 +33,10 @@ def build_server(base: str, adapters: dict, *, max_loras: int = 16, max_cpu_lora
     from .metrics import ServerMetrics
     from .runner import DecoderRunner
 
+    for flag, value in (("max-batch", max_batch), ("max-step-tokens", max_step_tokens), ("max-queue", max_queue),
+                        ("max-prompt-tokens", max_prompt_tokens), ("max-tokens-limit", max_tokens_limit)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"--{flag} must be a positive integer, got {value!r}")
     if model is None:
         model, tokenizer = load_model(base, device=device)
     base_name = Path(base).name if Path(base).exists() else base
@@ -58,7 +62,8 @@ def build_server(base: str, adapters: dict, *, max_loras: int = 16, max_cpu_lora
         for name, folder in adapters.items():
             bank.register(name, folder)
         runner = DecoderRunner(model, max_sequences=max_batch, capacity=min(256, context))
-        server = Engine(runner, bank, tokenizer, stop_ids, max_batch=max_batch, max_queue=max_queue,
+        server = Engine(runner, bank, tokenizer, stop_ids, max_batch=max_batch, max_step_tokens=max_step_tokens,
+                        max_queue=max_queue,
                         max_context=context, metrics=metrics, base_name=base_name)
     settings = Settings(base_name, keys=keys, adapter_root=adapter_root, max_prompt_tokens=max_prompt_tokens,
                         max_tokens_limit=max_tokens_limit, drain_seconds=drain_seconds)
@@ -87,6 +92,8 @@ def add_parsers(commands) -> None:
     serve.add_argument("--max-cpu-loras", type=int, default=64, help="adapters kept in memory; the rest load from disk")
     serve.add_argument("--max-lora-rank", type=int, default=16, help="the largest adapter rank accepted")
     serve.add_argument("--max-batch", type=int, default=32, help="requests in the running batch")
+    serve.add_argument("--max-step-tokens", type=int, default=2048,
+                       help="prompt tokens prefilled in one step, beside the running requests' next tokens")
     serve.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
     serve.add_argument("--max-prompt-tokens", type=int, default=1024)
     serve.add_argument("--max-tokens-limit", type=int, default=512, help="the largest max_tokens a request may ask")
@@ -123,8 +130,8 @@ def run_serve(args) -> int:
         adapters[name] = folder
     app, engine = build_server(
         args.base, adapters, max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, max_lora_rank=args.max_lora_rank,
-        max_batch=args.max_batch, max_queue=args.max_queue, max_prompt_tokens=args.max_prompt_tokens,
-        max_tokens_limit=args.max_tokens_limit, keys=read_keys(args.api_keys, args.api_key),
+        max_batch=args.max_batch, max_step_tokens=args.max_step_tokens, max_queue=args.max_queue,
+        max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit, keys=read_keys(args.api_keys, args.api_key),
         adapter_root=args.adapter_root, device=args.device, engine=args.engine)
     serve_in_main_thread(app, engine, uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
                                                                     log_level="warning", timeout_graceful_shutdown=60)))

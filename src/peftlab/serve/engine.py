@@ -4,12 +4,13 @@ One thread runs the loop; HTTP handlers ``submit`` requests and receive their to
 each request's ``on_event`` callback. Every iteration (Orca's iteration-level scheduling):
 
 1. requests whose client went away are dropped, freeing their cache slot and adapter;
-2. waiting requests join, first come first served, while the batch has room and their adapter
-   can have a bank slot (``--max-loras`` distinct adapters at a time); the joining requests'
-   prompts are prefilled together, into their own cache slots, so running requests are not
-   recomputed;
-3. one decode step runs every running request, whatever its adapter (the bank groups the
-   rows once for all layers), and each row samples its own next token;
+2. waiting requests join, first come first served, while the batch has room, their adapter
+   can have a bank slot (``--max-loras`` distinct adapters at a time) and the step's prompt
+   tokens stay within ``max_step_tokens``;
+3. one forward pass runs the running requests' next tokens and the joining requests' whole
+   prompts together (packed, no padding; running requests are never recomputed), whatever
+   their adapters (the bank groups the tokens once for all layers), and every request samples
+   its own next token;
 4. finished requests (end of text, ``max_tokens``, a stop sequence) leave, and their cache slot
    and adapter reference are freed at once.
 """
@@ -204,9 +205,10 @@ class QueueingEngine:
 
 
 class Engine(QueueingEngine):
-    def __init__(self, runner, bank, tokenizer, stop_ids, **options):
+    def __init__(self, runner, bank, tokenizer, stop_ids, max_step_tokens: int = 2048, **options):
         super().__init__(tokenizer, stop_ids, **options)
         self.runner, self.bank = runner, bank
+        self.max_step_tokens = max_step_tokens
 
     # ---- the loop --------------------------------------------------------------------------
 
@@ -224,9 +226,9 @@ class Engine(QueueingEngine):
 
     def step(self) -> None:
         self._drop_cancelled()
-        self._admit()
+        joining = self._admit()
         if self.running:
-            self._decode()
+            self._forward(joining)
         if self.metrics:
             self.metrics.running.set(len(self.running))
             self.metrics.waiting.set(len(self.queue))
@@ -242,13 +244,16 @@ class Engine(QueueingEngine):
                 self._leave(i)
                 self._count(request, "cancelled")
 
-    def _admit(self) -> None:
-        """Move waiting requests into the batch (first come first served, while there is room and
-        an adapter slot) and prefill them together in one forward."""
-        joining = []
+    def _admit(self) -> list:
+        """Move waiting requests into the batch, first come first served, while the batch has
+        room, the step's prompt tokens stay within ``max_step_tokens`` (the first one always
+        joins) and the adapter can have a bank slot. Returns the joining requests."""
+        joining, tokens = [], 0
         with self.condition:
             while self.queue and len(self.running) + len(joining) < self.max_batch:
                 request = self.queue[0]
+                if joining and tokens + len(request.prompt_ids) > self.max_step_tokens:
+                    break
                 try:
                     slot = self.bank.acquire(request.adapter)
                 except KeyError:  # unloaded while it waited
@@ -260,44 +265,36 @@ class Engine(QueueingEngine):
                     break
                 self.queue.popleft()
                 request.lora_slot, request.admitted = slot, time.perf_counter()
+                tokens += len(request.prompt_ids)
                 joining.append(request)
-        if not joining:
-            return
-        first = len(self.running)
+        for request in joining if self.metrics else ():
+            label = request.adapter or self.base_name
+            self.metrics.queue_time.observe(request.admitted - request.arrived, adapter=label)
+            self.metrics.prompt_tokens.inc(len(request.prompt_ids), adapter=label)
         self.running.extend(joining)
-        try:
-            self.bank.set_rows([r.lora_slot for r in joining])
-            logits = self.runner.prefill(first, [r.prompt_ids for r in joining])
-        except Exception as error:
-            del self.running[first:]
-            for request in joining:
-                self.bank.release(request.adapter)
-                request.on_event({"error": f"{type(error).__name__}: {error}"})
-                self._count(request, "error")
-            return
-        for request in joining:
-            request.length = len(request.prompt_ids)
-            if self.metrics:
-                label = request.adapter or self.base_name
-                self.metrics.queue_time.observe(request.admitted - request.arrived, adapter=label)
-                self.metrics.prompt_tokens.inc(len(request.prompt_ids), adapter=label)
-        self._advance(list(range(first, first + len(joining))), logits)
+        return joining
 
-    def _decode(self) -> None:
-        self.bank.set_rows([r.lora_slot for r in self.running])
-        logits = self.runner.decode([r.output_ids[-1] for r in self.running], [r.length for r in self.running])
-        for r in self.running:
+    def _forward(self, joining: list) -> None:
+        """One forward pass: a decode step of the running requests and the prefill of the
+        joining ones (the last ``len(joining)`` of ``running``), each token routed to its
+        request's adapter."""
+        decoding = self.running[:len(self.running) - len(joining)]
+        self.bank.set_rows([r.lora_slot for r in decoding] + [r.lora_slot for r in joining for _ in r.prompt_ids])
+        logits = self.runner.step([r.output_ids[-1] for r in decoding], [r.length for r in decoding],
+                                  [r.prompt_ids for r in joining])
+        for r in decoding:
             r.length += 1
-        self._advance(list(range(len(self.running))), logits)
+        for r in joining:
+            r.length = len(r.prompt_ids)
+        self._advance(logits)
 
-    def _advance(self, rows: list, logits: torch.Tensor) -> None:
-        """Sample one token for each of ``rows`` (indices into ``running``), stream it, and
-        retire the rows that finished."""
+    def _advance(self, logits: torch.Tensor) -> None:
+        """Sample one token for each running request (row i of ``logits``), stream it, and retire
+        the requests that finished."""
         greedy = logits.argmax(-1).tolist()
         finished = []
-        for j, i in enumerate(rows):
-            request = self.running[i]
-            reason = self._next_token(request, greedy[j] if request.temperature == 0 else sample(logits[j], request))
+        for i, request in enumerate(self.running):
+            reason = self._next_token(request, greedy[i] if request.temperature == 0 else sample(logits[i], request))
             if reason:
                 request.finish_reason = reason
                 finished.append(i)
