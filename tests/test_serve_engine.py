@@ -14,7 +14,7 @@ from peftlab.errors import AdapterFormatError, ConfigError, IncompatibleBaseErro
 from peftlab.formats.io import fingerprint
 from peftlab.serve.engine import Engine, QueueFull, Request, sample
 from peftlab.serve.lora_bank import LoraBank, StepRouting, lora_delta, segmented_lora_delta
-from peftlab.serve.runner import DecoderRunner
+from peftlab.serve.runner import DecoderRunner, PackedLinear
 from serve_helpers import Collector, greedy_alone, greedy_peft, save_adapters, tiny_lm
 
 
@@ -51,11 +51,13 @@ def run_all(engine, requests, join_every: int = 0):
 
 def test_packed_steps_equal_the_models_own_forward():
     model, _ = tiny_lm()
+    reference = copy.deepcopy(model)  # the runner hands the model's linear layers to oneDNN
     runner = DecoderRunner(model, max_sequences=4, capacity=4)  # small: the cache must grow on the way
+    assert isinstance(model.lm_head, PackedLinear) and isinstance(model.model.layers[0].mlp.up_proj, PackedLinear)
     sequences = prompts(3, seed=1)
 
     def expected(ids):
-        return model(torch.tensor([ids])).logits[0, -1]
+        return reference(torch.tensor([ids])).logits[0, -1]
 
     logits = runner.step([], [], sequences[:1])  # one prompt alone
     torch.testing.assert_close(logits[0], expected(sequences[0]), rtol=1e-4, atol=1e-5)
@@ -78,6 +80,20 @@ def test_packed_steps_equal_the_models_own_forward():
     logits = runner.step([5, 6], [lengths[2], lengths[1]])
     torch.testing.assert_close(logits[0], expected(sequences[2] + [5]), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(logits[1], expected(sequences[1] + [6]), rtol=1e-4, atol=1e-5)
+
+
+def test_packed_linear_equals_the_linear_layer_and_the_bank_wraps_it():
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(48, 80)
+    with torch.no_grad():
+        layer.weight.normal_(generator=g)
+    x = torch.randn(7, 3, 48, generator=g)
+    with torch.inference_mode():
+        torch.testing.assert_close(PackedLinear(layer)(x), layer(x), rtol=1e-4, atol=1e-4)
+    model, _ = tiny_lm()
+    DecoderRunner(model, max_sequences=2)  # packed first, banked after: the bank still finds every target
+    bank = LoraBank(model)
+    assert len(bank.shapes) == 7 * len(model.model.layers)
 
 
 def test_gather_lora_delta_equals_the_per_segment_reference():

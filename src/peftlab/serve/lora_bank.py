@@ -33,6 +33,7 @@ from ..errors import AdapterFormatError, ConfigError, IncompatibleBaseError, Sta
 from ..formats import hf_lora
 from ..formats.io import read_adapter
 from ..methods.lora import scaling
+from .runner import PackedLinear
 
 BASE_SLOT = 0
 
@@ -168,7 +169,7 @@ class LoraBank:
         for name, module in list(model.named_modules()):
             for child_name, child in list(module.named_children()):
                 full = f"{name}.{child_name}" if name else child_name
-                if type(child) is nn.Linear and child_name in targets and ".layers." in f".{full}":
+                if (type(child) is nn.Linear or isinstance(child, PackedLinear)) and child_name in targets and ".layers." in f".{full}":
                     setattr(module, child_name, BankedLinear(child, self, full))
                     self.shapes[full] = (child.out_features, child.in_features)
                     wrapped.append(full)

@@ -22,12 +22,18 @@ The projections are whatever modules the model holds, so the LoRA bank's wrapper
 (``lora_bank.BankedLinear``) run inside every step, routed by token. Grouped-query attention
 needs no copies of the shared keys: the query heads that share a key head are laid out as
 extra query rows of that head.
+
+On a CPU, the frozen base layers and the head are reordered for oneDNN once (``PackedLinear``):
+at this decoder's shapes its fp32 kernel ran 2-4x faster than torch's default path for
+``F.linear`` (MKL), e.g. SmolLM2's 49,152-word head on 64 rows in 7.5 ms instead of 29.6 ms,
+on the 2-core AMD EPYC we develop on.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from ..errors import ConfigError
 
@@ -50,8 +56,57 @@ class _Layout:
     last: torch.Tensor  # the token whose logits each sequence needs: running ones, then prompts' ends
 
 
+class PackedLinear(nn.Module):
+    """A frozen linear layer whose weight oneDNN has reordered once into its own blocked layout,
+    for CPU inference (the kernel torch's own compiler uses for CPU linear layers)."""
+
+    def __init__(self, linear: nn.Linear, rows_hint: int = 64):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows_hint)
+        self.bias = None if linear.bias is None else linear.bias.detach().clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        out = torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "none", [], "")
+        return out.view(*x.shape[:-1], self.out_features)
+
+
+def pack_linears(model: nn.Module, rows_hint: int = 64) -> int:
+    """Replace the decoder layers' linear layers and the output head by ``PackedLinear`` (also
+    inside the LoRA bank's wrappers, whose deltas stay as they are); the number replaced. Does
+    nothing where this torch build's oneDNN kernel is missing or disagrees with ``F.linear``."""
+    if not _packing_works():
+        return 0
+    packed = 0
+    head = model.get_output_embeddings()
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if type(child) is nn.Linear and (".layers." in f".{full}" or child is head):
+                setattr(module, child_name, PackedLinear(child, rows_hint))
+                packed += 1
+    return packed
+
+
+def _packing_works() -> bool:
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        with torch.inference_mode():
+            probe = nn.Linear(24, 40)
+            x = torch.randn(5, 24)
+            return torch.allclose(PackedLinear(probe)(x), probe(x), rtol=1e-4, atol=1e-5)
+    except (RuntimeError, AttributeError, NotImplementedError):  # an op this torch build lacks
+        return False
+
+
+def packs_on(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cpu" and dtype == torch.float32
+
+
 class DecoderRunner:
-    def __init__(self, model, max_sequences: int, capacity: int = 256):
+    def __init__(self, model, max_sequences: int, capacity: int = 256, pack: bool = True):
         config = model.config
         kind = getattr(config, "model_type", "?")
         if kind not in SUPPORTED or not hasattr(model, "model") or not hasattr(model.model, "layers"):
@@ -69,6 +124,8 @@ class DecoderRunner:
         self.scale = attention.scaling
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
+        if pack and packs_on(self.device, self.dtype):
+            pack_linears(model, rows_hint=max_sequences)
         self.max_sequences = max_sequences
         self.capacity = 0
         self.keys, self.values = [], []
