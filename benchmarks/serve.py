@@ -5,7 +5,8 @@
     python benchmarks/serve.py soak --minutes 10 --rate 4                  # twice saturation: no crash, 429s, memory
 
 Adapters are LoRA r=16 on q/k/v/o with random non-zero weights (a trained adapter costs the same
-to run), made once under /tmp/peftlab-bench. ``static`` runs the engine in-process; ``load`` and
+to run), made once under /tmp/peftlab-bench. ``static`` runs the engine in-process (also with
+its base layers left to torch's own ``F.linear``, to show what oneDNN's kernels add); ``load`` and
 ``soak`` start each system as its own ``peftlab serve`` process (``--engine peftlab | peft-mixed |
 peft-swap``) and drive it over HTTP with ``peftlab loadtest``'s workload (the same seed, so every
 system gets the same requests). Every script prints JSON.
@@ -76,13 +77,16 @@ def static(args) -> dict:
     batch = prompts(tokenizer, 16)
     names = list(paths)
 
-    model = load_cached_model().eval()
-    bank = LoraBank(model, max_loras=16, max_rank=16, base_fingerprint=fingerprint(model))
-    for name, path in paths.items():
-        bank.register(name, path)
-    engine = Engine(DecoderRunner(model, max_sequences=16), bank, tokenizer, [], max_batch=16)
+    def make_engine(pack: bool):
+        model = load_cached_model().eval()
+        bank = LoraBank(model, max_loras=16, max_rank=16, base_fingerprint=fingerprint(model))
+        for name, path in paths.items():
+            bank.register(name, path)
+        return Engine(DecoderRunner(model, max_sequences=16, pack=pack), bank, tokenizer, [], max_batch=16)
 
-    def peftlab_run(adapters):
+    engine, unpacked = make_engine(True), make_engine(False)  # unpacked: torch's own F.linear for the base layers
+
+    def peftlab_run(adapters, engine=engine):
         requests = [Request(adapter=a, prompt_ids=ids, max_tokens=args.tokens, on_event=lambda e: None, temperature=0,
                             ignore_eos=True) for a, ids in zip(adapters, batch)]
         start = time.perf_counter()
@@ -111,6 +115,7 @@ def static(args) -> dict:
 
     cases = {"peftlab_one": lambda: peftlab_run(["a0"] * 16), "peftlab_mixed": lambda: peftlab_run(names),
              "peftlab_base": lambda: peftlab_run([None] * 16),
+             "peftlab_mixed_unpacked": lambda: peftlab_run(names, unpacked),
              "hf_one": lambda: hf_run(["a0"] * 16), "hf_mixed": lambda: hf_run(names)}
     times = {k: [] for k in cases}
     outputs = {}
@@ -130,6 +135,9 @@ def static(args) -> dict:
             "peftlab_mixed_over_one": median["peftlab_mixed"] / median["peftlab_one"],
             "hf_mixed_over_one": median["hf_mixed"] / median["hf_one"],
             "hf_mixed_over_peftlab_mixed": median["hf_mixed"] / median["peftlab_mixed"],
+            "unpacked_over_packed": median["peftlab_mixed_unpacked"] / median["peftlab_mixed"],
+            "rows_differing_unpacked_vs_packed": sum(a != b for a, b in zip(outputs["peftlab_mixed"],
+                                                                            outputs["peftlab_mixed_unpacked"])),
             "rows_differing_from_hf_peft_mixed": mismatched,
             "rows_differing_from_each_adapter_alone": differing_from_alone}
 

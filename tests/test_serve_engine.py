@@ -14,7 +14,7 @@ from peftlab.errors import AdapterFormatError, ConfigError, IncompatibleBaseErro
 from peftlab.formats.io import fingerprint
 from peftlab.serve.engine import Engine, QueueFull, Request, sample
 from peftlab.serve.lora_bank import LoraBank, StepRouting, lora_delta, segmented_lora_delta
-from peftlab.serve.runner import DecoderRunner, PackedLinear
+from peftlab.serve.runner import DecoderRunner, PackedLinear, padded_rows
 from serve_helpers import Collector, greedy_alone, greedy_peft, save_adapters, tiny_lm
 
 
@@ -90,6 +90,9 @@ def test_packed_linear_equals_the_linear_layer_and_the_bank_wraps_it():
     x = torch.randn(7, 3, 48, generator=g)
     with torch.inference_mode():
         torch.testing.assert_close(PackedLinear(layer)(x), layer(x), rtol=1e-4, atol=1e-4)
+    sizes = [padded_rows(n) for n in range(1, 4097)]
+    assert all(0 <= size - n < max(8, n / 8) for n, size in enumerate(sizes, 1))  # at most 7 rows or 12.5% more
+    assert len(set(sizes)) <= 60  # a few compiled kernels cover every batch: memory stays flat in a server
     model, _ = tiny_lm()
     DecoderRunner(model, max_sequences=2)  # packed first, banked after: the bank still finds every target
     bank = LoraBank(model)
