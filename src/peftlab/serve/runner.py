@@ -117,10 +117,6 @@ def _packing_works() -> bool:
         return False
 
 
-def packs_on(device: torch.device, dtype: torch.dtype) -> bool:
-    return device.type == "cpu" and dtype == torch.float32
-
-
 class DecoderRunner:
     def __init__(self, model, max_sequences: int, capacity: int = 256, pack: bool = True):
         config = model.config
@@ -140,7 +136,7 @@ class DecoderRunner:
         self.scale = attention.scaling
         parameter = next(model.parameters())
         self.device, self.dtype = parameter.device, parameter.dtype
-        if pack and packs_on(self.device, self.dtype):
+        if pack and self.device.type == "cpu" and self.dtype == torch.float32:
             pack_linears(model, rows_hint=max_sequences)
         self.max_sequences = max_sequences
         self.capacity = 0
