@@ -175,6 +175,32 @@ def test_a_step_admits_prompts_up_to_its_token_budget(tmp_path):
     assert admitted == [[7], [3, 2], [4]]  # a prompt longer than the budget still joins, alone
 
 
+def test_a_step_whose_new_prompt_fails_turns_that_request_away_and_the_others_go_on(tmp_path):
+    model, tokenizer = tiny_lm()
+    base = copy.deepcopy(model)
+    paths = save_adapters(base, tmp_path, 1)
+    engine = make_engine(model, tokenizer, paths)
+    original = engine.runner.step
+
+    def failing_on_new_prompts(tokens, lengths, new=()):
+        if new and len(new[0]) == 5:
+            raise RuntimeError("out of memory")
+        return original(tokens, lengths, new)
+
+    engine.runner.step = failing_on_new_prompts
+    running = Request(adapter="a0", prompt_ids=[9, 10, 11], max_tokens=8, on_event=Collector(), temperature=0,
+                      ignore_eos=True)
+    engine.submit(running)
+    engine.step()
+    doomed = Request(adapter=None, prompt_ids=[12, 13, 14, 15, 16], max_tokens=8, on_event=Collector(), temperature=0)
+    engine.submit(doomed)
+    while engine.busy():
+        engine.step()
+    assert "out of memory" in doomed.on_event.error and doomed.output_ids == []
+    assert running.output_ids == greedy_alone(base, paths["a0"], [9, 10, 11], 8, [])  # unharmed by the failed step
+    assert engine.bank.residency()["in_use"] == 0
+
+
 def test_bank_keeps_adapters_in_use_loads_the_rest_from_disk_and_refuses_what_it_cannot_serve(tmp_path):
     model, tokenizer = tiny_lm()
     base = copy.deepcopy(model)

@@ -228,7 +228,12 @@ class Engine(QueueingEngine):
         self._drop_cancelled()
         joining = self._admit()
         if self.running:
-            self._forward(joining)
+            try:
+                self._forward(joining)
+            except Exception as error:
+                if not joining:
+                    raise
+                self._turn_away(joining, error)
         if self.metrics:
             self.metrics.running.set(len(self.running))
             self.metrics.waiting.set(len(self.queue))
@@ -287,6 +292,16 @@ class Engine(QueueingEngine):
         for r in joining:
             r.length = len(r.prompt_ids)
         self._advance(logits)
+
+    def _turn_away(self, joining: list, error: Exception) -> None:
+        """A step with new prompts failed: the new requests leave with the error, and the running
+        ones go on (nothing of theirs advanced, so the next step redoes their token). If they were
+        the cause, the next step fails them too."""
+        for i in reversed(range(len(self.running) - len(joining), len(self.running))):
+            request = self.running[i]
+            self._leave(i)
+            request.on_event({"error": f"{type(error).__name__}: {error}"})
+            self._count(request, "error")
 
     def _advance(self, logits: torch.Tensor) -> None:
         """Sample one token for each running request (row i of ``logits``), stream it, and retire
