@@ -228,12 +228,9 @@ class Engine(QueueingEngine):
         self._drop_cancelled()
         joining = self._admit()
         if self.running:
-            try:
-                self._forward(joining)
-            except Exception as error:
-                if not joining:
-                    raise
-                self._turn_away(joining, error)
+            logits = self._forward(joining)
+            if logits is not None:
+                self._advance(logits)
         if self.metrics:
             self.metrics.running.set(len(self.running))
             self.metrics.waiting.set(len(self.queue))
@@ -279,25 +276,33 @@ class Engine(QueueingEngine):
         self.running.extend(joining)
         return joining
 
-    def _forward(self, joining: list) -> None:
+    def _forward(self, joining: list) -> torch.Tensor | None:
         """One forward pass: a decode step of the running requests and the prefill of the
         joining ones (the last ``len(joining)`` of ``running``), each token routed to its
-        request's adapter."""
+        request's adapter; the next-token logits of every running request.
+
+        If a pass with new prompts fails, the new requests leave with the error and the running
+        ones go on (nothing of theirs advanced, so the next step redoes their token; if they were
+        the cause, that step fails them too): None."""
         decoding = self.running[:len(self.running) - len(joining)]
-        self.bank.set_rows([r.lora_slot for r in decoding] + [r.lora_slot for r in joining for _ in r.prompt_ids])
-        logits = self.runner.step([r.output_ids[-1] for r in decoding], [r.length for r in decoding],
-                                  [r.prompt_ids for r in joining])
+        try:
+            self.bank.set_rows([r.lora_slot for r in decoding] + [r.lora_slot for r in joining for _ in r.prompt_ids])
+            logits = self.runner.step([r.output_ids[-1] for r in decoding], [r.length for r in decoding],
+                                      [r.prompt_ids for r in joining])
+        except Exception as error:
+            if not joining:
+                raise
+            self._turn_away(len(decoding), error)
+            return None
         for r in decoding:
             r.length += 1
         for r in joining:
             r.length = len(r.prompt_ids)
-        self._advance(logits)
+        return logits
 
-    def _turn_away(self, joining: list, error: Exception) -> None:
-        """A step with new prompts failed: the new requests leave with the error, and the running
-        ones go on (nothing of theirs advanced, so the next step redoes their token). If they were
-        the cause, the next step fails them too."""
-        for i in reversed(range(len(self.running) - len(joining), len(self.running))):
+    def _turn_away(self, first: int, error: Exception) -> None:
+        """Take ``running[first:]`` out of the batch with ``error``."""
+        for i in reversed(range(first, len(self.running))):
             request = self.running[i]
             self._leave(i)
             request.on_event({"error": f"{type(error).__name__}: {error}"})
