@@ -1,8 +1,9 @@
 """Multi-adapter serving on SmolLM2-135M: peftlab's engine beside HF PEFT, measured in one run.
 
     python benchmarks/serve.py static            # 16 prompts x 32 tokens: one adapter vs 16 distinct, peftlab and HF PEFT
-    python benchmarks/serve.py load --adapters 16 --rate 8 --requests 64   # Poisson load: peftlab, peft-mixed, peft-swap
-    python benchmarks/serve.py soak --minutes 10 --rate 4                  # twice saturation: no crash, 429s, memory
+    python benchmarks/serve.py load --adapters 16 --rate 20 --requests 256 --prompt-tokens 8 32 --output-tokens 16 128 --max-batch 64
+                                                 # Poisson overload: peftlab, peft-mixed, peft-swap
+    python benchmarks/serve.py soak --minutes 10 --rate 22 --max-queue 64 --max-batch 64   # twice saturation: no crash, 429s, memory
 
 Adapters are LoRA r=16 on q/k/v/o with random non-zero weights (a trained adapter costs the same
 to run), made once under /tmp/peftlab-bench. ``static`` runs the engine in-process (also with
