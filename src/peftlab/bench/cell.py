@@ -23,7 +23,7 @@ import torch
 
 from ..errors import TrainingError
 from .grid import FULL, HF, learning_rate
-from .tasks import Task, classification_metric, final_number
+from .tasks import Task, classification_metric, final_number, majority_share
 
 LATENCY_ROWS = 32
 LATENCY_REPEATS = 3
@@ -74,8 +74,7 @@ def run_cell(cell: dict) -> dict:
         result["peak_rss_mb"] = peak_rss_mb()
         return result
     if classify:  # the majority-class baseline the report compares against
-        labels = [row[task.label_key] for row in eval_rows]
-        result["majority"] = max(labels.count(label) for label in set(labels)) / len(labels)
+        result["majority"] = majority_share([row[task.label_key] for row in eval_rows])
     result["metric_name"] = task.metric
     result["metric"] = evaluate(model, tokenizer, task, held_out, eval_rows)
     result["latency"] = latency(model, method, held_out, task)

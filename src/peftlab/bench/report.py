@@ -211,7 +211,7 @@ def majority_baseline(task: str, rows: list) -> float | None:
         if row.get("task") == task and row.get("majority") is not None:
             return row["majority"]
     from ..errors import PeftlabError
-    from .tasks import get_task
+    from .tasks import get_task, majority_share
 
     try:
         spec = get_task(task)
@@ -220,7 +220,7 @@ def majority_baseline(task: str, rows: list) -> float | None:
         labels = [str(r[spec.label_key]) for r in spec.rows()[1]]
     except (PeftlabError, OSError, KeyError):  # no data here (or not a known task): no such line
         return None
-    return max(labels.count(label) for label in set(labels)) / len(labels)
+    return majority_share(labels)
 
 
 def checks(summaries: list, majority: float | None) -> str:

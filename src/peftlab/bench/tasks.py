@@ -196,6 +196,11 @@ def _read_spec(path: Path) -> dict:
 
 # ---- metrics -------------------------------------------------------------------------------
 
+def majority_share(labels: list) -> float:
+    """The share of the most common label: the accuracy of always answering it."""
+    return max(labels.count(label) for label in set(labels)) / len(labels)
+
+
 def classification_metric(name: str, predictions: list, labels: list) -> float:
     """Accuracy, F1 (binary for two classes, macro otherwise) or Matthews correlation."""
     if name == "accuracy":

@@ -63,8 +63,7 @@ def build_server(base: str, adapters: dict, *, max_loras: int = 16, max_cpu_lora
             bank.register(name, folder)
         runner = DecoderRunner(model, max_sequences=max_batch, capacity=min(256, context))
         server = Engine(runner, bank, tokenizer, stop_ids, max_batch=max_batch, max_step_tokens=max_step_tokens,
-                        max_queue=max_queue,
-                        max_context=context, metrics=metrics, base_name=base_name)
+                        max_queue=max_queue, max_context=context, metrics=metrics, base_name=base_name)
     settings = Settings(base_name, keys=keys, adapter_root=adapter_root, max_prompt_tokens=max_prompt_tokens,
                         max_tokens_limit=max_tokens_limit, drain_seconds=drain_seconds)
     return create_app(server, settings, metrics), server
@@ -131,8 +130,9 @@ def run_serve(args) -> int:
     app, engine = build_server(
         args.base, adapters, max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, max_lora_rank=args.max_lora_rank,
         max_batch=args.max_batch, max_step_tokens=args.max_step_tokens, max_queue=args.max_queue,
-        max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit, keys=read_keys(args.api_keys, args.api_key),
-        adapter_root=args.adapter_root, device=args.device, engine=args.engine)
+        max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit,
+        keys=read_keys(args.api_keys, args.api_key), adapter_root=args.adapter_root, device=args.device,
+        engine=args.engine)
     serve_in_main_thread(app, engine, uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
                                                                     log_level="warning", timeout_graceful_shutdown=60)))
     return 0

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..core.routing import Routing
+from ..core.targets import get_submodule_parent
 from ..errors import AdapterFormatError, ConfigError, IncompatibleBaseError, StateError
 from ..formats import hf_lora
 from ..formats.io import read_adapter
@@ -167,12 +168,12 @@ class LoraBank:
             raise ConfigError("this model is already served by a LoRA bank; give each server its own model")
         wrapped = []
         for name, module in list(model.named_modules()):
-            for child_name, child in list(module.named_children()):
-                full = f"{name}.{child_name}" if name else child_name
-                if (type(child) is nn.Linear or isinstance(child, PackedLinear)) and child_name in targets and ".layers." in f".{full}":
-                    setattr(module, child_name, BankedLinear(child, self, full))
-                    self.shapes[full] = (child.out_features, child.in_features)
-                    wrapped.append(full)
+            linear = type(module) is nn.Linear or isinstance(module, PackedLinear)
+            if linear and name.rsplit(".", 1)[-1] in targets and ".layers." in f".{name}":
+                parent, attr = get_submodule_parent(model, name)
+                setattr(parent, attr, BankedLinear(module, self, name))
+                self.shapes[name] = (module.out_features, module.in_features)
+                wrapped.append(name)
         if not wrapped:
             raise ConfigError(f"no linear layers named {', '.join(targets)} in the model's decoder layers to adapt")
         weight = next(model.parameters())

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..core.targets import get_submodule_parent
 from ..errors import ConfigError
 
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -88,21 +89,17 @@ def padded_rows(count: int) -> int:
     return -(-count // step) * step
 
 
-def pack_linears(model: nn.Module, rows_hint: int = 64) -> int:
+def pack_linears(model: nn.Module, rows_hint: int = 64) -> None:
     """Replace the decoder layers' linear layers and the output head by ``PackedLinear`` (also
-    inside the LoRA bank's wrappers, whose deltas stay as they are); the number replaced. Does
-    nothing where this torch build's oneDNN kernel is missing or disagrees with ``F.linear``."""
+    inside the LoRA bank's wrappers, whose deltas stay as they are). Does nothing where this
+    torch build's oneDNN kernel is missing or disagrees with ``F.linear``."""
     if not _packing_works():
-        return 0
-    packed = 0
+        return
     head = model.get_output_embeddings()
     for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            full = f"{name}.{child_name}" if name else child_name
-            if type(child) is nn.Linear and (".layers." in f".{full}" or child is head):
-                setattr(module, child_name, PackedLinear(child, rows_hint))
-                packed += 1
-    return packed
+        if type(module) is nn.Linear and (".layers." in f".{name}" or module is head):
+            parent, attr = get_submodule_parent(model, name)
+            setattr(parent, attr, PackedLinear(module, rows_hint))
 
 
 def _packing_works() -> bool:
