@@ -9,6 +9,7 @@ from conftest import VOCAB, make_bert, make_llama
 from test_method_properties import perturb
 
 import peftlab
+from peftlab.core import kv_cache
 from peftlab.core.model_adapters import backbone
 from peftlab.train import TrainConfig, train
 from peftlab.train.loss import training_loss
@@ -83,7 +84,7 @@ def test_cached_decoding_equals_full_forwards():
     with torch.no_grad():
         full = model(input_ids=ids).logits
         first = model(input_ids=ids[:, :5], use_cache=True)
-        rest = model(input_ids=ids[:, 5:], past_key_values=first.past_key_values).logits
+        rest = model(input_ids=ids[:, 5:], **{kv_cache.keyword(model): kv_cache.from_output(first)}).logits
     torch.testing.assert_close(torch.cat([first.logits, rest], 1), full, rtol=0, atol=1e-5)
     assert model(input_ids=ids).hidden_states is None  # the rungs are read, not returned unless asked
     assert len(model(input_ids=ids, output_hidden_states=True).hidden_states) == 3

@@ -21,6 +21,7 @@ import inspect
 from torch import nn
 
 from ..errors import StateError
+from . import kv_cache
 
 STORE = "peftlab_model_adapters"
 HOOKS_ATTR = "_peftlab_model_hooks"
@@ -77,6 +78,7 @@ def _install_hooks(model: nn.Module, state) -> None:
         return
     target = backbone(model)
     signature = inspect.signature(target.forward)
+    cache_keyword = kv_cache.keyword(target)
     notes = []  # one entry per backbone call in flight (pre-hook pushes, post-hook pops)
 
     def active_modules():
@@ -102,6 +104,7 @@ def _install_hooks(model: nn.Module, state) -> None:
             extra = kwargs.pop("kwargs", None)
             if isinstance(extra, dict):
                 kwargs.update(extra)
+        kwargs = kv_cache.normalize(kwargs, cache_keyword)  # adapters find a cache under the backbone's own name
         call_notes = []
         for adapter in active:
             kwargs, note = adapter.rewrite_inputs(kwargs)

@@ -23,13 +23,13 @@ Mergeable: no. The prefix is extra attention context, not a change to any weight
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 
+from ..core import kv_cache
 from ..core.config import MethodConfig
 from ..core.model_adapters import backbone
 from ..errors import ConfigError, TargetError
@@ -89,9 +89,9 @@ def make_prefix(model: nn.Module, config, hidden: int | None, kind: type = Prefi
     """A prefix (of class ``kind``) for every layer of ``model``'s backbone; ``hidden`` None trains it directly."""
     stack = backbone(model)
     shape = PrefixShape(backbone_config(stack, config.method))
-    if "past_key_values" not in inspect.signature(stack.forward).parameters:
+    if kv_cache.keyword(stack) is None:
         raise TargetError(f"{config.method} feeds its prefix through the KV cache, but {type(stack).__name__}.forward "
-                          "takes no past_key_values")
+                          f"takes no KV cache (no argument named {' or '.join(kv_cache.NAMES)})")
     weight = stack.get_input_embeddings().weight
     return kind(stack, config.length, shape, hidden, dict(device=weight.device, dtype=weight.dtype))
 

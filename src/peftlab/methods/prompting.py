@@ -36,7 +36,7 @@ import weakref
 import torch
 from torch import nn
 
-from ..core import model_adapters
+from ..core import kv_cache, model_adapters
 from ..errors import AdapterFormatError, ConfigError, IncompatibleBaseError, StateError, TargetError
 
 # The registry tests' tiny models, with weights at a pretrained model's scale: at the default
@@ -161,7 +161,7 @@ def remember(cache, adapter: nn.Module) -> None:
 
 
 # ---- gradient checkpointing ----------------------------------------------------------------------
-# transformers checkpoints each decoder layer in training and hands it ``past_key_values=None``: the
+# transformers checkpoints each decoder layer in training and hands it no KV cache: the
 # layer runs twice (forward, then again in backward) and a cache that it writes to would give the
 # second run other keys than the first. Layers that only *read* the cache may keep it
 # (``_can_checkpoint_with_cache``). So a prefix trained under checkpointing travels in a cache that
@@ -202,14 +202,10 @@ def let_layers_read_prefix_caches(backbone: nn.Module) -> None:
 
 def _keep_prefix_only_caches(layer: nn.Module, args, kwargs) -> None:
     # decided per call from the call's own cache: nothing is left switched on after an error
-    if isinstance(kwargs.get("past_key_values"), prefix_only_cache()):
+    if any(isinstance(kwargs.get(name), prefix_only_cache()) for name in kv_cache.NAMES):
         layer._can_checkpoint_with_cache = True
     else:
         layer.__dict__.pop("_can_checkpoint_with_cache", None)  # the layer class's own setting
-
-
-def output_cache(output):
-    return getattr(output, "past_key_values", None)
 
 
 def drop_leading(output, length: int):
@@ -241,7 +237,7 @@ class InputPrompt(nn.Module):
     def rewrite_inputs(self, kwargs: dict):
         kwargs = dict(kwargs)
         update(kwargs, "attention_mask", lengthen_mask, self.length)
-        if not starts_sequence(kwargs.get("past_key_values"), self):
+        if not starts_sequence(kwargs.get(kv_cache.keyword(self._backbone)), self):
             update(kwargs, "position_ids", shift_positions, self.length, prepend=False)
             return kwargs, 0
         embeds = kwargs.pop("inputs_embeds", None)
@@ -257,7 +253,7 @@ class InputPrompt(nn.Module):
         return kwargs, self.length
 
     def rewrite_output(self, output, prepended: int):
-        remember(output_cache(output), self)
+        remember(kv_cache.from_output(output), self)
         return drop_leading(output, prepended)
 
 
@@ -276,12 +272,13 @@ class KVPrefix(nn.Module):
 
     def rewrite_inputs(self, kwargs: dict):
         kwargs = dict(kwargs)
-        cache = kwargs.get("past_key_values")
+        keyword = kv_cache.keyword(self._backbone)
+        cache = kwargs.get(keyword)
         if checkpointed_training(self._backbone) and not isinstance(cache, prefix_only_cache()):
             cache = prefix_only_cache()(config=self._backbone.config)  # the layers would drop any other cache
             let_layers_read_prefix_caches(self._backbone)
         if starts_sequence(cache, self):
-            kwargs["past_key_values"] = self.fill(cache, batch_size(kwargs))
+            kwargs[keyword] = self.fill(cache, batch_size(kwargs))
         update(kwargs, "attention_mask", lengthen_mask, self.length)
         update(kwargs, "position_ids", shift_positions, self.length, prepend=False)
         return kwargs, None
@@ -299,7 +296,7 @@ class KVPrefix(nn.Module):
         return cache
 
     def rewrite_output(self, output, note):
-        remember(output_cache(output), self)
+        remember(kv_cache.from_output(output), self)
         return output
 
 
