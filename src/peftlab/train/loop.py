@@ -17,13 +17,13 @@ one that never stopped.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import random
 import time
 import warnings
 
 import torch
-from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
 from ..core import adapters as core
@@ -32,6 +32,7 @@ from ..models import resolve_device
 from .checkpoint import capture_rng, checkpoint_folder, has_checkpoint, load_checkpoint, restore_rng, save_checkpoint
 from .checkpointing import gradient_checkpointing
 from .config import TRAJECTORY_KEYS, TrainConfig, TrainResult
+from .data import pad_collate, pad_id_of
 from .loss import training_loss
 from .mezo import MeZO, projected_gradient, step_seed
 
@@ -41,9 +42,11 @@ def train(model: torch.nn.Module, data, cfg: TrainConfig | None = None, eval_fn=
 
     ``model(**batch)`` must return an object with ``.loss`` (Hugging Face models do when the batch
     has ``labels``); a causal LM's loss is computed blockwise without the full logits
-    (``cfg.chunked_loss``, see ``loss.py``). ``data`` is a map-style dataset; its
-    ``collate(list_of_examples)`` makes a batch if it has one. ``eval_fn(model) -> dict`` runs every ``cfg.eval_every`` steps and at the end,
-    in eval mode without gradients, and never disturbs the training random streams.
+    (``cfg.chunked_loss``, see ``loss.py``). ``data`` is a map-style dataset (a list will do) of
+    tokenized rows; its ``collate(list_of_examples)`` makes a batch if it has one, else the rows
+    are padded by ``pad_collate`` with the model's pad id (``data.py``).
+    ``eval_fn(model) -> dict`` runs every ``cfg.eval_every`` steps and at the end, in eval mode
+    without gradients, and never disturbs the training random streams.
     ``on_step(step)`` runs after each optimizer step (``step`` counts from 1), gradients still
     there: for a model that needs its own per-step call, such as HF PEFT's AdaLoRA
     (``update_and_allocate``); peftlab's methods use their own hooks (``core/adapters.py``).
@@ -59,7 +62,7 @@ def train(model: torch.nn.Module, data, cfg: TrainConfig | None = None, eval_fn=
     optimizer = make_optimizer(params, cfg)
     order = DataOrder(len(data), cfg.seed, row_lengths(data) if cfg.group_by_length else None,
                       cfg.batch_size)
-    collate = getattr(data, "collate", None) or default_collate
+    collate = getattr(data, "collate", None) or functools.partial(pad_collate, pad_id=pad_id_of(model_config(model)))
     run = start_or_resume(cfg, saved, optimizer)
     if run.resumed_from is None:
         calibrate(model, data, collate, order, cfg, device)
@@ -102,6 +105,12 @@ def prepare_model(model: torch.nn.Module, device: torch.device) -> None:
         model.to(device)
     if device.type == "cpu" and any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters()):
         model.float()
+
+
+def model_config(model: torch.nn.Module):
+    """A transformers model's config (the text model's, for a multimodal one), or None."""
+    config = getattr(model, "config", None)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def trainable_parameters(model: torch.nn.Module) -> dict:
