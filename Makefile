@@ -16,7 +16,7 @@ LATEST_TORCH ?= torch
 # The floor: every direct dependency at the lowest version pyproject.toml allows (uv's lowest-direct
 # resolution), on the oldest Python it claims.
 LOWEST ?= .venv-lowest
-LOWEST_PYTHON ?= python3.10
+LOWEST_PYTHON ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python3.10) python3.10)
 
 .PHONY: demo test bench test-latest test-lowest lock clean
 

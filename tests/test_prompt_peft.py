@@ -16,6 +16,7 @@ from conftest import VOCAB, make_bert, make_llama
 from safetensors import safe_open
 
 import peftlab
+from peftlab.formats.hf_common import PEFT_VERSION
 
 peft = pytest.importorskip("peft")
 
@@ -177,6 +178,9 @@ def test_the_files_are_pefts_own(spec, peft_class, settings, tmp_path):
     peftlab.save(peftlab.attach(llama(), spec), tmp_path / "ours")
     (their_config, their_tensors), (our_config, our_tensors) = read(tmp_path / "peft"), read(tmp_path / "ours")
     assert our_tensors == their_tensors
+    # peft_version names the release that wrote the file: the installed peft's, or the one peftlab's
+    # format follows; every other field is the format itself
+    assert our_config.pop("peft_version") == PEFT_VERSION and their_config.pop("peft_version") == peft.__version__
     assert our_config == their_config
 
 

@@ -108,6 +108,20 @@ def _quiet_loading(quiet: bool):
             hf_logging.enable_progress_bar()
 
 
+def _import_gguf():
+    """The ``gguf`` module, with a ``__version__`` where it lacks one. transformers finds gguf's version
+    through ``packages_distributions()``, which on Python 3.10 reads only ``top_level.txt``; gguf's
+    wheels have none, so there it falls back to ``gguf.__version__``, which gguf does not define, and
+    every GGUF load fails with "Invalid version: 'N/A'"."""
+    import gguf
+
+    if not hasattr(gguf, "__version__"):
+        from importlib.metadata import version
+
+        gguf.__version__ = version("gguf")
+    return gguf
+
+
 @contextlib.contextmanager
 def _faster_gguf():
     """Loading a GGUF through ``transformers`` parses the file three times (tokenizer, config,
@@ -115,7 +129,7 @@ def _faster_gguf():
     together they take most of the load time. Inside this block the parsed reader and the map
     are reused. Same tensors either way; anything unexpected and it is simply not applied."""
     try:
-        import gguf
+        gguf = _import_gguf()
         original_reader, original_map = gguf.GGUFReader, gguf.get_tensor_name_map
     except (ImportError, AttributeError):
         yield

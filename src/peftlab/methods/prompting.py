@@ -45,7 +45,7 @@ from ..errors import AdapterFormatError, ConfigError, IncompatibleBaseError, Sta
 EXAMPLE_MODEL_SETTINGS = {"initializer_range": 0.2}
 SAVED_KEY = "prompt_embeddings"  # HF PEFT's tensor name for every prompt-learning method
 HOLDERS_ATTR = "_peftlab_virtual_token_holders"  # on a KV cache: the adapters whose tokens it holds
-READER_HOOK_ATTR = "_peftlab_reads_prefix_caches"  # on a checkpointed layer: it may keep a PrefixOnlyCache
+CHECKPOINTED_LAYERS_ATTR = "_peftlab_checkpointed_layers"  # on a backbone: its layers that may keep a PrefixOnlyCache
 
 
 # ---- settings and the model ------------------------------------------------------------------------
@@ -190,22 +190,25 @@ def prefix_only_cache() -> type:
     return PrefixOnlyCache
 
 
-def let_layers_read_prefix_caches(backbone: nn.Module) -> None:
-    """Let every checkpointed layer of ``backbone`` keep a ``PrefixOnlyCache`` (and nothing else)."""
+def let_layers_keep_prefix_caches(backbone: nn.Module) -> None:
+    """For the backbone call under way, whose cache is a ``PrefixOnlyCache``: every checkpointed layer
+    may keep it. Set on the layers themselves, because transformers reads the setting before the
+    layer's own hooks run (in ``__call__`` before 5.23); taken back when the call ends, by a hook on
+    the backbone that runs even when the call fails, so no other call ever sees it."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    for layer in backbone.modules():
-        if isinstance(layer, GradientCheckpointingLayer) and not getattr(layer, READER_HOOK_ATTR, False):
-            layer.register_forward_pre_hook(_keep_prefix_only_caches, with_kwargs=True)
-            setattr(layer, READER_HOOK_ATTR, True)
-
-
-def _keep_prefix_only_caches(layer: nn.Module, args, kwargs) -> None:
-    # decided per call from the call's own cache: nothing is left switched on after an error
-    if any(isinstance(kwargs.get(name), prefix_only_cache()) for name in kv_cache.NAMES):
+    layers = backbone.__dict__.get(CHECKPOINTED_LAYERS_ATTR)
+    if layers is None:
+        layers = [m for m in backbone.modules() if isinstance(m, GradientCheckpointingLayer)]
+        backbone.__dict__[CHECKPOINTED_LAYERS_ATTR] = layers
+        backbone.register_forward_hook(_close_layers_to_caches, always_call=True)
+    for layer in layers:
         layer._can_checkpoint_with_cache = True
-    else:
-        layer.__dict__.pop("_can_checkpoint_with_cache", None)  # the layer class's own setting
+
+
+def _close_layers_to_caches(backbone: nn.Module, args, output) -> None:
+    for layer in backbone.__dict__[CHECKPOINTED_LAYERS_ATTR]:
+        layer.__dict__.pop("_can_checkpoint_with_cache", None)  # back to the layer class's own setting
 
 
 def drop_leading(output, length: int):
@@ -276,7 +279,8 @@ class KVPrefix(nn.Module):
         cache = kwargs.get(keyword)
         if checkpointed_training(self._backbone) and not isinstance(cache, prefix_only_cache()):
             cache = prefix_only_cache()(config=self._backbone.config)  # the layers would drop any other cache
-            let_layers_read_prefix_caches(self._backbone)
+        if isinstance(cache, prefix_only_cache()):
+            let_layers_keep_prefix_caches(self._backbone)
         if starts_sequence(cache, self):
             kwargs[keyword] = self.fill(cache, batch_size(kwargs))
         update(kwargs, "attention_mask", lengthen_mask, self.length)
