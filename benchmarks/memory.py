@@ -25,11 +25,12 @@ Rows:
   grid), blockwise loss.
 - ladder: ladder side tuning (the backbone runs without a graph), blockwise loss.
 
-Memory is resident memory (the machine has no GPU). ``peak_mb`` is the peak during training
-(sampled every millisecond) minus the process's memory before the model was loaded (Python, torch
-and transformers themselves, ~0.5 GB and the same in every process): the CPU counterpart of
-``torch.cuda.max_memory_allocated`` (each process runs with glibc's mmap threshold fixed, so freed
-tensors leave resident memory: see ``ALLOCATOR``). ``peak_process_mb`` keeps the runtime in. ``base_weights_mb``
+Memory is resident memory (the machine has no GPU), in two definitions. ``peak_process_mb`` is the
+whole process's peak while training: the kernel's high-water mark (VmHWM), reset once the model is
+built, so it is what ``top`` shows at the worst moment of the run. ``peak_mb`` is that minus the
+process's memory before the model was loaded (Python, torch and transformers themselves, the same
+in every process): the CPU counterpart of ``torch.cuda.max_memory_allocated``. Each process runs
+with glibc's mmap threshold fixed, so freed tensors leave resident memory (see ``ALLOCATOR``). ``base_weights_mb``
 is what the base model's weights take (quantized ones as stored). Step time is the median step.
 Prints one JSON object, with the issue's targets checked under ``targets``.
 """
@@ -181,6 +182,8 @@ def targets(rows: dict) -> dict:
             continue
         candidates[r["row"]] = {"peak_vs_hf_lora": round(r["peak_mb"] / hf["peak_mb"], 3),
                                 "peak_vs_hf_lora_gc": round(r["peak_mb"] / hf_gc["peak_mb"], 3),
+                                "process_peak_vs_hf_lora": round(r["peak_process_mb"] / hf["peak_process_mb"], 3),
+                                "process_peak_vs_hf_lora_gc": round(r["peak_process_mb"] / hf_gc["peak_process_mb"], 3),
                                 "loss_at_30_vs_hf_pct": round(100 * (r["loss"]["step_30"] / hf["loss"]["step_30"] - 1), 2)}
     close = [name for name, c in candidates.items() if abs(c["loss_at_30_vs_hf_pct"]) <= 2]
     if close:
