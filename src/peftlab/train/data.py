@@ -148,17 +148,17 @@ def pad_collate(batch: list[dict], pad_id: int = 0) -> dict:
     Fields of one shape are stacked; 1-D fields of different lengths are right-padded to the longest
     in *this* batch (dynamic padding wastes far less compute than padding everything to max_length):
     ``labels`` with -100, so padding never counts in the loss, ``input_ids`` with ``pad_id``, others
-    with 0. Rows with ``input_ids`` but no ``attention_mask`` get one (ones on their own tokens), so
-    padding is never attended to and ``pad_id`` only shows in the ids. It fits a dataset's
+    with 0. Padded rows with ``input_ids`` but no ``attention_mask`` get one (ones on their own
+    tokens), so padding is never attended to and ``pad_id`` only shows in the ids. It fits a dataset's
     ``collate`` as it is, or with ``functools.partial(pad_collate, pad_id=...)``."""
     if not batch or not all(isinstance(example, dict) for example in batch):
         raise DataError("a training example must be a dict of model inputs (input_ids, attention_mask, labels, ...), "
                         f"got {type(batch[0]).__name__ if batch else 'an empty batch'}")
     keys = list(batch[0])
     for example in batch:
-        if list(example) != keys:
+        if set(example) != set(keys):
             raise DataError(f"examples in one batch must have the same fields: {sorted(keys)} vs {sorted(example)}")
-    if "input_ids" in batch[0] and "attention_mask" not in batch[0]:
+    if "attention_mask" not in keys and len({len(example.get("input_ids", ())) for example in batch}) > 1:
         batch = [{**example, "attention_mask": [1] * len(example["input_ids"])} for example in batch]
         keys.append("attention_mask")
     out = {}
