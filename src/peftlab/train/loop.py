@@ -9,6 +9,8 @@
 
 With ``optimizer="mezo"`` a step is two forward passes and an update instead (``mezo.py``); with
 ``gradient_checkpointing`` the layers recompute their activations in backward (``checkpointing.py``).
+Started by ``torchrun``, the same loop runs data-parallel (``dist/ddp.py``): each rank takes its
+slice of every step's rows, DDP averages the gradients, rank 0 alone writes checkpoints.
 
 Everything a resumed run needs is a function of (seed, step, data position) plus the tensors in
 the checkpoint, so a run killed at any point and resumed ends with the same weights and losses as
@@ -27,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core import adapters as core
+from ..dist import ddp
 from ..errors import ConfigError, StateError, TrainingError
 from ..models import resolve_device
 from .checkpoint import capture_rng, checkpoint_folder, has_checkpoint, load_checkpoint, restore_rng, save_checkpoint
@@ -54,42 +57,52 @@ def train(model: torch.nn.Module, data, cfg: TrainConfig | None = None, eval_fn=
     cfg = cfg or TrainConfig()
     if len(data) == 0:
         raise TrainingError("the training data is empty")
-    device = resolve_device(cfg.device)
+    place = ddp.world()
+    device = ddp.device_for(place, resolve_device(cfg.device))
+    if place.distributed and cfg.optimizer == "mezo":
+        raise ConfigError("MeZO trains by forward passes alone and has no gradients for data-parallel ranks to "
+                          "average; run it in one process")
+    ddp.setup(place, device)
     was_training = model.training
     prepare_model(model, device)
     params = trainable_parameters(model)
     saved = {**params, **adapter_buffers(model)}  # what a checkpoint holds besides the optimizer
     optimizer = make_optimizer(params, cfg)
     order = DataOrder(len(data), cfg.seed, row_lengths(data) if cfg.group_by_length else None,
-                      cfg.batch_size)
+                      cfg.batch_size * place.size)
     collate = getattr(data, "collate", None) or functools.partial(pad_collate, pad_id=pad_id_of(model_config(model)))
-    run = start_or_resume(cfg, saved, optimizer)
+    run = start_or_resume(cfg, saved, optimizer, place)
     if run.resumed_from is None:
         calibrate(model, data, collate, order, cfg, device)
+    loss_fn = functools.partial(training_loss, chunked=cfg.chunked_loss)
+    forward = ddp.wrap(model, loss_fn, device) if place.distributed else functools.partial(loss_fn, model)
+    batches = Batches(data, collate, order, cfg, device, place)
 
     model.train()
-    bar = tqdm(total=cfg.steps, initial=run.steps, disable=not cfg.progress, desc="train", unit="step",
-               dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=run.steps, disable=not (cfg.progress and place.main), desc="train",
+               unit="step", dynamic_ncols=True)
     try:
         for step in range(run.steps, cfg.steps):
             started = time.perf_counter()
             lr = lr_at(step, cfg)
             with gradient_checkpointing(model, cfg.gradient_checkpointing):
-                loss, tokens = train_step(model, data, collate, order, run.position, optimizer, params, lr, step, cfg,
-                                          device, on_step)
-            run.record(loss, lr, tokens, time.perf_counter() - started, cfg)
+                loss, tokens = train_step(model, forward, batches, run.position, optimizer, params, lr, step, cfg,
+                                          on_step)
+            run.record(loss, lr, tokens, time.perf_counter() - started, batches.rows_per_step)
             if run.steps % cfg.log_every == 0 or run.steps == cfg.steps:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{run.session_tokens_per_second():.0f}")
             bar.update(1)
-            if eval_fn is not None and due(run.steps, cfg.eval_every, cfg.steps):
+            if eval_fn is not None and place.main and due(run.steps, cfg.eval_every, cfg.steps):
                 run.eval_history.append(evaluate(model, eval_fn, run.steps))
                 bar.write(f"step {run.steps}: {format_metrics(run.eval_history[-1])}")
             if cfg.out_dir and due(run.steps, cfg.save_every, cfg.steps):
-                save_checkpoint(checkpoint_folder(cfg.out_dir), run.steps, saved, optimizer, run.progress(cfg))
+                if place.main:
+                    save_checkpoint(checkpoint_folder(cfg.out_dir), run.steps, saved, optimizer, run.progress(cfg))
+                ddp.barrier(place)  # no rank runs ahead of a checkpoint it might have to resume from
     finally:
         bar.close()
         model.train(was_training)
-    if eval_fn is not None and (not run.eval_history or run.eval_history[-1]["step"] != run.steps):
+    if eval_fn is not None and place.main and (not run.eval_history or run.eval_history[-1]["step"] != run.steps):
         run.eval_history.append(evaluate(model, eval_fn, run.steps))  # e.g. resumed from a finished run
     return run.result(device)
 
@@ -179,9 +192,9 @@ class _Run:
         self.resumed_from = None
         self.session_tokens, self.session_seconds = 0, 0.0  # this process only, for the progress bar
 
-    def record(self, loss: float, lr: float, tokens: int, seconds: float, cfg: TrainConfig) -> None:
+    def record(self, loss: float, lr: float, tokens: int, seconds: float, rows: int) -> None:
         self.steps += 1
-        self.position += cfg.batch_size * cfg.grad_accum
+        self.position += rows
         self.losses.append(loss)
         self.learning_rates.append(lr)
         self.tokens, self.session_tokens = self.tokens + tokens, self.session_tokens + tokens
@@ -191,7 +204,7 @@ class _Run:
         return self.session_tokens / max(self.session_seconds, 1e-9)
 
     def progress(self, cfg: TrainConfig) -> dict:
-        return {"position": self.position, "losses": self.losses, "learning_rates": self.learning_rates,
+        return {"position": self.position, "world_size": ddp.world().size, "losses": self.losses, "learning_rates": self.learning_rates,
                 "eval_history": self.eval_history, "tokens": self.tokens, "train_seconds": self.train_seconds,
                 "config": cfg.to_dict()}
 
@@ -202,9 +215,11 @@ class _Run:
                            peak_memory_mb=peak_memory_mb(device), device=str(device), resumed_from=self.resumed_from)
 
 
-def start_or_resume(cfg: TrainConfig, params: dict, optimizer) -> _Run:
+def start_or_resume(cfg: TrainConfig, params: dict, optimizer, place: ddp.World = ddp.World()) -> _Run:
     """A fresh run seeds every generator; a resumed one restores weights, optimizer, generators
-    and history from ``out_dir/checkpoint`` (and starts fresh when there is none yet)."""
+    and history from ``out_dir/checkpoint`` (and starts fresh when there is none yet). Every rank
+    of a data-parallel run reads the same checkpoint; the data position is global, so a run may
+    resume on another number of ranks (the global batch then changes, with a warning)."""
     run = _Run()
     folder = checkpoint_folder(cfg.out_dir) if cfg.out_dir else None
     if not (cfg.resume and has_checkpoint(folder)):
@@ -212,7 +227,10 @@ def start_or_resume(cfg: TrainConfig, params: dict, optimizer) -> _Run:
         return run
     state = load_checkpoint(folder, params, optimizer)
     changed = [k for k in TRAJECTORY_KEYS if state.get("config", {}).get(k) != getattr(cfg, k)]
-    if changed:
+    if state.get("world_size", 1) != place.size:
+        changed.append(f"number of data-parallel ranks ({state.get('world_size', 1)} -> {place.size}, so the global "
+                       "batch)")
+    if changed and place.main:
         warnings.warn(f"resuming with different {', '.join(changed)} than the checkpoint was trained with; "
                       "the result will differ from an uninterrupted run", stacklevel=3)
     run.steps = run.resumed_from = state["step"]
@@ -230,15 +248,33 @@ def due(step: int, every: int, last: int) -> bool:
     return step == last or (every > 0 and step % every == 0)
 
 
-def train_step(model, data, collate, order, position: int, optimizer, params: dict, lr: float, step: int,
-               cfg: TrainConfig, device, on_step=None) -> tuple[float, int]:
-    """One optimizer step; return (mean loss, tokens). A non-finite loss or gradient raises
-    before ``optimizer.step()``, so the weights and optimizer state stay those of the last good step."""
+class Batches:
+    """Which rows this process trains on at a data position: micro-batch ``m`` of a step gives rank
+    ``r`` of ``R`` the rows ``position + (m R + r) batch_size`` onward (one process: ``R = 1``)."""
+
+    def __init__(self, data, collate, order: "DataOrder", cfg: TrainConfig, device, place: ddp.World):
+        self.data, self.collate, self.order, self.cfg, self.device, self.place = data, collate, order, cfg, device, place
+        self.rows_per_step = cfg.batch_size * cfg.grad_accum * place.size
+
+    def micro(self, position: int, micro: int) -> dict:
+        start = position + (micro * self.place.size + self.place.rank) * self.cfg.batch_size
+        rows = self.order.take(start, self.cfg.batch_size)
+        return to_device(self.collate([self.data[i] for i in rows]), self.device)
+
+
+def train_step(model, forward, batches: Batches, position: int, optimizer, params: dict, lr: float, step: int,
+               cfg: TrainConfig, on_step=None) -> tuple[float, int]:
+    """One optimizer step; return (mean loss, tokens), over all ranks under DDP. A non-finite loss or
+    gradient raises before ``optimizer.step()``, so the weights and optimizer state stay those of
+    the last good step (under DDP every rank sees the same averages, so all of them stop)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     if isinstance(optimizer, MeZO):
-        return mezo_step(model, data, collate, order, position, optimizer, lr, step, cfg, device, on_step)
-    loss, tokens = accumulate_gradients(model, data, collate, order, position, cfg, device)
+        return mezo_step(model, batches, position, optimizer, lr, step, cfg, on_step)
+    loss, tokens = accumulate_gradients(model, forward, batches, position, cfg)
+    loss, tokens = ddp.mean(loss, batches.place), ddp.total(tokens, batches.place)
+    if batches.place.distributed:
+        ddp.require_gradients(params)
     grad_norm = clip_gradients(params, cfg.max_grad_norm)
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
@@ -251,22 +287,21 @@ def train_step(model, data, collate, order, position: int, optimizer, params: di
     return loss, tokens
 
 
-def mezo_step(model, data, collate, order, position: int, optimizer: MeZO, lr: float, step: int, cfg: TrainConfig,
-              device, on_step=None) -> tuple[float, int]:
+def mezo_step(model, batches: Batches, position: int, optimizer: MeZO, lr: float, step: int, cfg: TrainConfig,
+              on_step=None) -> tuple[float, int]:
     """One MeZO step over ``grad_accum`` micro-batches: two forward passes of each, no backward.
     The reported loss is the mean of the two passes; a non-finite loss or estimate raises, and
     MeZO made no update."""
-    batches = [to_device(collate([data[i] for i in order.take(position + micro * cfg.batch_size, cfg.batch_size)]),
-                         device) for micro in range(cfg.grad_accum)]
+    micro_batches = [batches.micro(position, micro) for micro in range(cfg.grad_accum)]
     losses = []
 
     def objective() -> float:
         total = 0.0
-        for batch in batches:
+        for batch in micro_batches:
             loss = require_loss(training_loss(model, batch, cfg.chunked_loss))
             penalty = core.regularization(model)  # the reported loss excludes it, as with backprop
             losses.append(loss.item())
-            total += (loss if penalty is None else loss + penalty).item() / len(batches)
+            total += (loss if penalty is None else loss + penalty).item() / len(micro_batches)
         return total
 
     plus, minus = optimizer.step(objective, seed=step_seed(cfg.seed, step))
@@ -277,7 +312,7 @@ def mezo_step(model, data, collate, order, position: int, optimizer: MeZO, lr: f
     core.after_step(model, step + 1, cfg.steps, lr)
     if on_step is not None:
         on_step(step + 1)
-    return loss, sum(count_tokens(batch) for batch in batches)
+    return loss, sum(count_tokens(batch) for batch in micro_batches)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -335,18 +370,19 @@ def row_lengths(data) -> list[int]:
     return [len(row["input_ids"]) for row in rows]
 
 
-def accumulate_gradients(model, data, collate, order: DataOrder, position: int, cfg: TrainConfig,
-                         device) -> tuple[float, int]:
+def accumulate_gradients(model, forward, batches: Batches, position: int, cfg: TrainConfig) -> tuple[float, int]:
     """Forward and backward ``grad_accum`` micro-batches; return (mean loss, tokens seen).
 
-    Each micro-batch's loss is scaled by 1/grad_accum so the summed gradient is the mean's."""
+    Each micro-batch's loss is scaled by 1/grad_accum so the summed gradient is the mean's. Under
+    DDP the ranks' gradients are averaged once, in the last micro-batch's backward."""
     total_loss, tokens = 0.0, 0
     for micro in range(cfg.grad_accum):
-        indices = order.take(position + micro * cfg.batch_size, cfg.batch_size)
-        batch = to_device(collate([data[i] for i in indices]), device)
-        loss = require_loss(training_loss(model, batch, cfg.chunked_loss))
-        penalty = core.regularization(model)  # e.g. L0 gates, orthogonality; reported loss excludes it
-        ((loss if penalty is None else loss + penalty) / cfg.grad_accum).backward()
+        batch = batches.micro(position, micro)
+        last = micro == cfg.grad_accum - 1
+        with contextlib.nullcontext() if last or not hasattr(forward, "no_sync") else forward.no_sync():
+            loss = require_loss(forward(batch))
+            penalty = core.regularization(model)  # e.g. L0 gates, orthogonality; reported loss excludes it
+            ((loss if penalty is None else loss + penalty) / cfg.grad_accum).backward()
         total_loss += loss.item() / cfg.grad_accum
         tokens += count_tokens(batch)
     return total_loss, tokens

@@ -1,0 +1,82 @@
+"""Data-parallel training under torchrun (gloo, 2 ranks on this machine): the same adapter as one
+process at the global batch, only rank 0 writes, a missing gradient is a clear error, a dead rank
+stops the others and leaves the last checkpoint resumable on another number of ranks."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from peftlab.train.checkpoint import has_checkpoint
+
+WORKER = Path(__file__).resolve().parent / "dist_worker.py"
+TIMEOUT = 240
+
+
+def run(out: Path, *options, ranks: int = 2) -> subprocess.CompletedProcess:
+    """The worker on ``ranks`` processes through torchrun (1: started directly, no torchrun)."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"]
+    command = (launch if ranks > 1 else [sys.executable]) + [str(WORKER), str(out), *map(str, options)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+
+
+def weights(out: Path) -> dict:
+    return load_file(str(out / "weights.safetensors"))
+
+
+def assert_same(a: dict, b: dict, atol: float = 1e-5) -> None:
+    assert a.keys() == b.keys() and a
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)
+
+
+@pytest.fixture(scope="module")
+def one_process_at_the_global_batch(tmp_path_factory):
+    out = tmp_path_factory.mktemp("one")
+    done = run(out, "--batch", 4, ranks=1)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_two_ranks_at_batch_b_train_the_adapter_of_one_process_at_2b(tmp_path, one_process_at_the_global_batch):
+    done = run(tmp_path, "--batch", 2, "--save-every", 5)
+    assert done.returncode == 0, done.stderr
+    assert_same(weights(tmp_path), weights(one_process_at_the_global_batch))
+    import json
+    ours = json.loads((tmp_path / "result.json").read_text())
+    theirs = json.loads((one_process_at_the_global_batch / "result.json").read_text())
+    assert ours["losses"] == pytest.approx(theirs["losses"], abs=1e-5)  # the logged loss is the ranks' mean
+    assert ours["tokens"] == theirs["tokens"]
+    assert has_checkpoint(tmp_path / "checkpoint")
+    assert not (tmp_path / "checkpoint" / "state.json.tmp").exists()
+
+
+def test_gradient_accumulation_splits_the_same_way(tmp_path, one_process_at_the_global_batch):
+    done = run(tmp_path, "--batch", 1, "--grad-accum", 2)
+    assert done.returncode == 0, done.stderr
+    assert_same(weights(tmp_path), weights(one_process_at_the_global_batch))
+
+
+def test_a_trainable_parameter_without_a_gradient_is_named_not_a_hang(tmp_path):
+    done = run(tmp_path, "--stray")
+    assert done.returncode != 0
+    assert "stray got none in this step" in done.stderr
+
+
+def test_a_dead_rank_stops_the_others_and_the_checkpoint_resumes_in_one_process(tmp_path,
+                                                                               one_process_at_the_global_batch):
+    started = time.monotonic()
+    done = run(tmp_path, "--batch", 2, "--save-every", 2, "--die-at", 3)
+    assert done.returncode != 0 and time.monotonic() - started < 120
+    assert has_checkpoint(tmp_path / "checkpoint")
+    # the data order is global: one process at the global batch continues exactly where the two stopped
+    resumed = run(tmp_path, "--batch", 4, "--save-every", 2, "--resume", ranks=1)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "number of data-parallel ranks (2 -> 1" in resumed.stderr
+    assert_same(weights(tmp_path), weights(one_process_at_the_global_batch))
