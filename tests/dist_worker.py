@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--save-every", type=int, default=0)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--die-at", type=int, default=0, help="rank 1 exits hard after this step")
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing")
     parser.add_argument("--stray", action="store_true", help="a trainable parameter the loss never reaches")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -56,7 +57,7 @@ def main() -> None:
 
     cfg = TrainConfig(steps=args.steps, batch_size=args.batch, grad_accum=args.grad_accum, lr=1e-2, warmup_steps=0,
                       progress=False, device="cpu", out_dir=str(out), save_every=args.save_every, resume=args.resume,
-                      max_grad_norm=1.0)
+                      max_grad_norm=1.0, gradient_checkpointing=args.checkpointing)
     try:
         result = train(model, rows(), cfg, on_step=on_step)
     except PeftlabError as error:

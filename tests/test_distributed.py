@@ -63,6 +63,12 @@ def test_gradient_accumulation_splits_the_same_way(tmp_path, one_process_at_the_
     assert_same(weights(tmp_path), weights(one_process_at_the_global_batch))
 
 
+def test_gradient_checkpointing_under_ddp_gives_the_same_adapter(tmp_path, one_process_at_the_global_batch):
+    done = run(tmp_path, "--batch", 2, "--checkpointing")
+    assert done.returncode == 0, done.stderr
+    assert_same(weights(tmp_path), weights(one_process_at_the_global_batch))
+
+
 def test_a_trainable_parameter_without_a_gradient_is_named_not_a_hang(tmp_path):
     done = run(tmp_path, "--stray")
     assert done.returncode != 0
@@ -80,3 +86,36 @@ def test_a_dead_rank_stops_the_others_and_the_checkpoint_resumes_in_one_process(
     assert resumed.returncode == 0, resumed.stderr
     assert "number of data-parallel ranks (2 -> 1" in resumed.stderr
     assert_same(weights(tmp_path), weights(one_process_at_the_global_batch))
+
+
+def test_peftlab_train_nproc_starts_torchrun_and_rank_0_alone_reports_and_saves(tmp_path):
+    """``peftlab train --nproc 2`` at batch 2 writes the adapter ``--nproc 1`` writes at batch 4."""
+    import json
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from test_tasks import char_tokenizer, tiny_llama
+
+    tokenizer = char_tokenizer()
+    tiny_llama(len(tokenizer)).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    rows = tmp_path / "rows.jsonl"  # equal lengths: each rank's batch weighs what its half of the big one does
+    rows.write_text("".join(json.dumps({"prompt": f"say {i} twice", "response": f"{i} {i}"}) + "\n" for i in range(10, 26)))
+
+    def train(out, *options):
+        command = [sys.executable, "-m", "peftlab", "train", "--model", str(tmp_path / "model"), "--data", str(rows),
+                   "--method", "lora[r=4,dropout=0]", "--steps", "3", "--eval-rows", "0", "--no-progress",
+                   "--out", str(tmp_path / out), *options]
+        return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT)
+
+    two = train("two", "--nproc", "2", "--batch-size", "2")
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.count("training 3 steps on 2 data-parallel ranks") == 1
+    assert two.stdout.count("saved ") == 1
+    refused = train("mezo", "--nproc", "2", "--optimizer", "mezo")
+    assert refused.returncode == 2
+    assert "MeZO trains by forward passes alone" in refused.stderr
+    assert "error: data-parallel training failed: rank" in refused.stderr and "--resume" in refused.stderr
+    one = train("one", "--batch-size", "4")
+    assert one.returncode == 0, one.stderr
+    assert_same(load_file(str(tmp_path / "two/adapter/adapter_model.safetensors")),
+                load_file(str(tmp_path / "one/adapter/adapter_model.safetensors")))

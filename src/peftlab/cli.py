@@ -66,6 +66,8 @@ TRAIN_OPTIONS = [
     ("seed", int, 0, "seed for the data, the split, the adapter init and the data order"),
     ("resume", bool, False, "continue from <out>/checkpoint if there is one"),
     ("device", str, "auto", "auto, cpu, cuda, cuda:1, mps"),
+    ("nproc", int, 1, "data-parallel processes on this machine, started through torchrun (gloo on CPU, nccl on "
+                      "GPU; batch-size is per process); under torchrun itself this is ignored"),
     ("chunked_loss", bool, True, "causal LMs: compute the head and loss in blocks of rows, never the full logits"),
     ("gradient_checkpointing", bool, False, "recompute each layer's activations in the backward pass instead of "
                                             "keeping them: less memory, about one more forward of compute"),
@@ -167,6 +169,7 @@ def _version() -> str:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what a torchrun relaunch repeats
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
@@ -269,7 +272,7 @@ TRAIN_TASKS = ("causal-lm", "sequence-classification")
 def check_train_options(o: dict) -> None:
     if o["task"] not in TRAIN_TASKS:
         raise ConfigError(f"--task must be one of {', '.join(TRAIN_TASKS)}, got {o['task']!r}")
-    for name in ("eval_rows", "train_rows", "eval_batch_size", "max_length", "max_new_tokens"):
+    for name in ("eval_rows", "train_rows", "eval_batch_size", "max_length", "max_new_tokens", "nproc"):
         value = o[name]
         if value is not None and (value < (0 if name == "eval_rows" else 1)):
             raise ConfigError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'eval_rows' else 'positive'}, "
@@ -290,7 +293,10 @@ def check_train_options(o: dict) -> None:
 
 
 def say(*parts) -> None:
-    print(*parts, flush=True)
+    """Print a progress line; in a data-parallel run only rank 0 speaks."""
+    from .dist import world
+    if world().main:
+        print(*parts, flush=True)
 
 
 def cmd_train(args) -> int:
@@ -301,8 +307,13 @@ def cmd_train(args) -> int:
     from .models import load_model
     from .train import TrainConfig, train
 
+    from .dist import ddp
+
     started = time.perf_counter()
     o = resolve_train_options(args)
+    place = ddp.world()
+    if o["nproc"] > 1 and not place.distributed:
+        return launch_data_parallel(o["nproc"], args.argv)
     out = Path(o["out"])
     classify = o["task"] == "sequence-classification"
     train_cfg = TrainConfig(
@@ -328,7 +339,9 @@ def cmd_train(args) -> int:
 
     t = time.perf_counter()
     torch.manual_seed(o["seed"])
-    model, tokenizer = load_model(o["model"], task=o["task"], num_labels=len(label2id or {0: 0, 1: 1}), device=o["device"])
+    from .models import resolve_device
+    device = str(ddp.device_for(place, resolve_device(o["device"])))  # each rank on its own GPU
+    model, tokenizer = load_model(o["model"], task=o["task"], num_labels=len(label2id or {0: 0, 1: 1}), device=device)
     if o["quantize"]:
         quantize_base(model, o)
     load_seconds = time.perf_counter() - t
@@ -337,6 +350,8 @@ def cmd_train(args) -> int:
     data, evaluate_fn, metric = build_data(o, model, tokenizer, train_rows, eval_rows, label2id)
     shown = metric.replace("_", " ")
     before = after = None
+    if not place.main:
+        evaluate_fn = None  # rank 0 evaluates, saves and reports; the other ranks only train
     if evaluate_fn is not None:
         before = evaluate_fn(model)
         say(f"held-out {shown} before: {before[metric]:.3f} ({before['n']} rows, {before['seconds']:.1f} s)")
@@ -353,7 +368,8 @@ def cmd_train(args) -> int:
     if evaluate_fn is not None and o["eval_every"]:
         def mid_eval(m):
             return {metric: evaluate_fn(m)[metric]}
-    say(f"training {o['steps']} steps, batch {o['batch_size']}x{o['grad_accum']}, lr {o['lr']:g}"
+    ranks = f" on {place.size} data-parallel ranks" if place.distributed else ""
+    say(f"training {o['steps']} steps{ranks}, batch {o['batch_size']}x{o['grad_accum']}, lr {o['lr']:g}"
         + (f", resuming from {out / 'checkpoint'}" if o["resume"] and (out / "checkpoint").exists() else ""))
     result = train(model, data, train_cfg, eval_fn=mid_eval)
     summary = result.summary()
@@ -369,6 +385,8 @@ def cmd_train(args) -> int:
             say(f"  generated:  {sample['prediction']}")
             say(f"  reference:  {sample['reference']}")
 
+    if not place.main:
+        return 0
     adapter_dir = peftlab.save(model, out / "adapter")
     if not classify:
         write_prompt_file(adapter_dir, o["system"], tokenizer)
@@ -388,6 +406,35 @@ def cmd_train(args) -> int:
     say(f"saved {adapter_dir} (Hugging Face PEFT format) and {out / 'metrics.json'}; total {total:.1f} s")
     if before is not None and after is not None:
         say(f"held-out {shown}: {before[metric]:.3f} -> {after[metric]:.3f}")
+    return 0
+
+
+def launch_data_parallel(processes: int, argv: list) -> int:
+    """``peftlab train --nproc N``: the same command on N processes of this machine, started by
+    torchrun's own launcher (``torch.distributed.run``), which also stops them all if one fails."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    # the workers run under torchrun, where --nproc means nothing; and torchrun's own parser would
+    # take it for an abbreviation of its --nproc-per-node
+    kept, skip = [], False
+    for arg in argv:
+        if skip or arg.startswith("--nproc="):
+            skip = False
+            continue
+        skip = arg == "--nproc"
+        if not skip:
+            kept.append(arg)
+    import os
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))  # cores shared out
+    say(f"peftlab train: starting {processes} data-parallel processes through torchrun")
+    try:
+        torchrun.main(["--standalone", f"--nproc-per-node={processes}", "-m", "peftlab", *kept])
+    except ChildFailedError as error:
+        failures = sorted(error.failures.items())
+        rank, failure = failures[0]
+        raise PeftlabError(f"data-parallel training failed: rank {rank} exited with status {failure.exitcode} "
+                           "(its error is printed above); the last checkpoint is intact, continue with --resume") from None
     return 0
 
 

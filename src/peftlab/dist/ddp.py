@@ -105,8 +105,7 @@ def wrap(model: nn.Module, loss_fn, device: torch.device) -> nn.Module:
     frozen = [f"model.{name}" for name, p in model.named_parameters() if not p.requires_grad]
     buffers = [f"model.{name}" for name, _ in model.named_buffers()]
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, frozen + buffers)
-    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
-                                   broadcast_buffers=False)
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def require_gradients(params: dict) -> None:
