@@ -1,0 +1,119 @@
+"""Data-parallel training on SmolLM2-135M: 2 DDP ranks against one process at the same global batch.
+
+    .venv/bin/python benchmarks/distributed.py [--steps 8] [--ranks 2]
+
+LoRA r=16, alpha=32, dropout 0 on every linear layer but the head; fp32; AdamW at lr 1e-3; the
+global batch is 4 x 128 tokens of random ids (fixed seed): one process at batch 4, or R ranks at
+batch 4/R each, started by torchrun on this machine (gloo). The torch threads are shared out: the
+one process gets all the cores, each rank cores/R. Reports both runs' median step times (after
+two warm-up steps), each process's peak resident memory while training, and the largest
+difference between the two adapters (they should agree to fp32 rounding). Prints one JSON object.
+
+On one machine with few cores data parallelism cannot be faster: the ranks split the same cores
+and add an all-reduce. What DDP buys is more machines (or GPUs): each rank's step costs what one
+process's step at batch b costs, and the all-reduce moves only the trainable parameters' gradients
+(here 4.9M floats, 19.5 MB per step), so R machines train an R-times larger global batch in about
+the time one machine trains batch b.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import PeakSampler, cached_model_dir, load_cached_model
+
+GLOBAL_BATCH, LENGTH, SEED = 4, 128, 0
+
+
+def worker(out: Path, steps: int, batch: int) -> None:
+    """One process of a run (rank 0 writes its adapter weights and figures)."""
+    import torch
+    from safetensors.torch import save_file
+
+    import peftlab
+    from peftlab.train import TrainConfig, train
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", 1)))
+    model = load_cached_model()
+    model.config.use_cache = False
+    torch.manual_seed(SEED)
+    peftlab.attach(model, "lora[r=16,alpha=32,dropout=0,targets=all-linear]")
+    ids = torch.randint(0, model.config.vocab_size, (GLOBAL_BATCH * steps, LENGTH),
+                        generator=torch.Generator().manual_seed(SEED))
+    rows = [{"input_ids": row, "labels": row} for row in ids]
+    marks = []
+    cfg = TrainConfig(steps=steps, batch_size=batch, lr=1e-3, warmup_steps=0, progress=False, device="cpu",
+                      seed=SEED)
+    with PeakSampler() as sampler:
+        result = train(model, rows, cfg, on_step=lambda step: marks.append(time.perf_counter()))
+    rank = int(os.environ.get("RANK", 0))
+    figures = {"rank": rank, "peak_rss_mb": round(sampler.peak / 2**20, 1),
+               "step_seconds": [b - a for a, b in zip(marks, marks[1:])][1:], "losses": result.losses}
+    (out / f"figures-{rank}.json").write_text(json.dumps(figures))
+    if rank == 0:
+        save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+                  str(out / "adapter.safetensors"))
+
+
+def launch(out: Path, steps: int, ranks: int) -> float:
+    script = [str(Path(__file__).resolve()), "--worker", str(out), "--steps", str(steps),
+              "--batch", str(GLOBAL_BATCH // ranks)]
+    threads = max(1, (os.cpu_count() or 1) // ranks)
+    env = {**os.environ, "BENCH_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+    command = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+               if ranks > 1 else [sys.executable]) + script
+    started = time.perf_counter()
+    subprocess.run(command, check=True, env=env, capture_output=True, text=True)
+    return time.perf_counter() - started
+
+
+def summary(out: Path, ranks: int, wall: float) -> dict:
+    figures = [json.loads((out / f"figures-{r}.json").read_text()) for r in range(ranks)]
+    return {"ranks": ranks, "batch_per_rank": GLOBAL_BATCH // ranks,
+            "median_step_s": round(statistics.median(t for f in figures for t in f["step_seconds"]), 3),
+            "peak_rss_mb_per_rank": [f["peak_rss_mb"] for f in figures], "wall_s": round(wall, 1),
+            "losses": [round(x, 5) for x in figures[0]["losses"]]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(Path(args.worker), args.steps, args.batch)
+        return
+    if GLOBAL_BATCH % args.ranks:
+        parser.error(f"--ranks must divide the global batch ({GLOBAL_BATCH})")
+    cached_model_dir()
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        one, many = Path(tmp, "one"), Path(tmp, "many")
+        one.mkdir(), many.mkdir()
+        single = summary(one, 1, launch(one, args.steps, 1))
+        parallel = summary(many, args.ranks, launch(many, args.steps, args.ranks))
+        a, b = load_file(str(one / "adapter.safetensors")), load_file(str(many / "adapter.safetensors"))
+        difference = max(float((a[k] - b[k]).abs().max()) for k in a)
+    report = {
+        "setup": {"model": "SmolLM2-135M-Instruct (fp32)", "lora": "r=16 alpha=32 dropout=0 all-linear",
+                  "global_batch": f"{GLOBAL_BATCH}x{LENGTH}", "steps": args.steps, "cores": os.cpu_count(),
+                  "backend": "gloo"},
+        "one_process": single, "ddp": parallel,
+        "adapter_max_abs_difference": difference,
+        "ddp_step_time_vs_one_process": round(parallel["median_step_s"] / single["median_step_s"], 3),
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
