@@ -103,14 +103,23 @@ def test_peftlab_train_nproc_starts_torchrun_and_rank_0_alone_reports_and_saves(
 
     def train(out, *options):
         command = [sys.executable, "-m", "peftlab", "train", "--model", str(tmp_path / "model"), "--data", str(rows),
-                   "--method", "lora[r=4,dropout=0]", "--steps", "3", "--eval-rows", "0", "--no-progress",
-                   "--out", str(tmp_path / out), *options]
+                   "--method", "lora[r=4,dropout=0]", "--steps", "3", "--no-progress", "--out", str(tmp_path / out),
+                   *options]
+        if "--eval-rows" not in options:
+            command += ["--eval-rows", "0"]
         return subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT)
 
     two = train("two", "--nproc", "2", "--batch-size", "2")
     assert two.returncode == 0, two.stderr
     assert two.stdout.count("training 3 steps on 2 data-parallel ranks") == 1
     assert two.stdout.count("saved ") == 1
+    sharded = train("fsdp", "--nproc", "2", "--batch-size", "2", "--strategy", "fsdp")
+    assert sharded.returncode == 0, sharded.stderr
+    assert_same(load_file(str(tmp_path / "fsdp/adapter/adapter_model.safetensors")),
+                load_file(str(tmp_path / "two/adapter/adapter_model.safetensors")))
+    evaluated = train("fsdp-eval", "--nproc", "2", "--strategy", "fsdp", "--eval-rows", "2", "--max-new-tokens", "4")
+    assert evaluated.returncode == 0, evaluated.stderr  # generation on a sharded model: every rank takes part
+    assert evaluated.stdout.count("held-out") >= 2 and (tmp_path / "fsdp-eval/adapter/adapter_config.json").exists()
     refused = train("mezo", "--nproc", "2", "--optimizer", "mezo")
     assert refused.returncode == 2
     assert "MeZO trains by forward passes alone" in refused.stderr
@@ -119,3 +128,61 @@ def test_peftlab_train_nproc_starts_torchrun_and_rank_0_alone_reports_and_saves(
     assert one.returncode == 0, one.stderr
     assert_same(load_file(str(tmp_path / "two/adapter/adapter_model.safetensors")),
                 load_file(str(tmp_path / "one/adapter/adapter_model.safetensors")))
+
+
+# ---- FSDP2 ----------------------------------------------------------------------------------------
+
+def test_fsdp_trains_the_adapter_of_one_process_at_the_global_batch(tmp_path, one_process_at_the_global_batch):
+    done = run(tmp_path, "--batch", 2, "--strategy", "fsdp", "--save-every", 2)
+    assert done.returncode == 0, done.stderr
+    assert_same(weights(tmp_path), weights(one_process_at_the_global_batch))
+    import json
+    shards = json.loads((tmp_path / "shards.json").read_text())
+    assert shards["frozen_sharded"] > 0 and shards["local"] == shards["whole"] // 2  # the frozen base is split too
+
+
+def test_fsdp_refuses_a_quantized_base():
+    import peftlab
+    from peftlab.dist import fsdp
+    from peftlab.errors import ConfigError
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from conftest import make_llama
+
+    model = make_llama()
+    peftlab.quantize(model, "int4", group_size=16)
+    peftlab.attach(model, "lora[r=2]")
+    with pytest.raises(ConfigError, match="cannot shard a quantized base.*use strategy='ddp'"):
+        fsdp.shard(model, lambda m, batch: None)
+
+
+def test_fsdp_checkpoints_are_whole_and_resume_in_one_process(tmp_path, one_process_at_the_global_batch):
+    done = run(tmp_path, "--batch", 2, "--strategy", "fsdp", "--save-every", 2, "--die-at", 3)
+    assert done.returncode != 0 and has_checkpoint(tmp_path / "checkpoint")
+    resumed = run(tmp_path, "--batch", 4, "--resume", ranks=1)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same(weights(tmp_path), weights(one_process_at_the_global_batch))
+
+
+def test_fsdp_resumes_a_single_process_checkpoint_on_two_ranks(tmp_path, one_process_at_the_global_batch):
+    first = run(tmp_path, "--batch", 4, "--save-every", 2, "--die-at", 3, "--dying-rank", 0, ranks=1)
+    assert first.returncode != 0 and has_checkpoint(tmp_path / "checkpoint")
+    resumed = run(tmp_path, "--batch", 2, "--strategy", "fsdp", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same(weights(tmp_path), weights(one_process_at_the_global_batch))
+
+
+def test_saving_under_fsdp_gathers_every_ranks_shard(tmp_path):
+    """Each rank's shard filled with rank + 1, then saved: the file holds both values, laid out as
+    the gathered tensors are, and loads into a fresh unsharded model as exactly that."""
+    import peftlab
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    done = run(tmp_path, "--strategy", "fsdp", "--steps", 1, "--shard-fill")
+    assert done.returncode == 0, done.stderr
+    gathered = weights(tmp_path)
+    assert all(set(t.unique().tolist()) == {1.0, 2.0} for t in gathered.values()), "both ranks' parts are saved"
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128))
+    loaded = peftlab.load(base, tmp_path / "filled")
+    assert_same({name: p.detach() for name, p in loaded.named_parameters() if p.requires_grad}, gathered, atol=0)

@@ -66,6 +66,8 @@ TRAIN_OPTIONS = [
     ("seed", int, 0, "seed for the data, the split, the adapter init and the data order"),
     ("resume", bool, False, "continue from <out>/checkpoint if there is one"),
     ("device", str, "auto", "auto, cpu, cuda, cuda:1, mps"),
+    ("strategy", str, "ddp", "with --nproc or under torchrun: ddp (each process holds the whole model) or fsdp "
+                             "(FSDP2: every weight sharded across the processes)"),
     ("nproc", int, 1, "data-parallel processes on this machine, started through torchrun (gloo on CPU, nccl on "
                       "GPU; batch-size is per process); under torchrun itself this is ignored"),
     ("chunked_loss", bool, True, "causal LMs: compute the head and loss in blocks of rows, never the full logits"),
@@ -322,7 +324,7 @@ def cmd_train(args) -> int:
         max_grad_norm=o["max_grad_norm"], eval_every=o["eval_every"], seed=o["seed"], out_dir=str(out),
         save_every=o["save_every"], resume=o["resume"], device=o["device"], chunked_loss=o["chunked_loss"],
         progress=o["progress"], gradient_checkpointing=o["gradient_checkpointing"], optimizer=o["optimizer"],
-        mezo_eps=o["mezo_eps"], group_by_length=o["group_by_length"])
+        mezo_eps=o["mezo_eps"], group_by_length=o["group_by_length"], strategy=o["strategy"])
     builtin = o["data"] is None
     if builtin and o["system"] is None:
         from .tasks import extract
@@ -350,8 +352,10 @@ def cmd_train(args) -> int:
     data, evaluate_fn, metric = build_data(o, model, tokenizer, train_rows, eval_rows, label2id)
     shown = metric.replace("_", " ")
     before = after = None
-    if not place.main:
-        evaluate_fn = None  # rank 0 evaluates, saves and reports; the other ranks only train
+    sharded = place.distributed and o["strategy"] == "fsdp"
+    if not place.main and not sharded:
+        evaluate_fn = None  # rank 0 evaluates, saves and reports; the other ranks only train (a sharded model
+        # runs on every rank together)
     if evaluate_fn is not None:
         before = evaluate_fn(model)
         say(f"held-out {shown} before: {before[metric]:.3f} ({before['n']} rows, {before['seconds']:.1f} s)")
@@ -385,9 +389,9 @@ def cmd_train(args) -> int:
             say(f"  generated:  {sample['prediction']}")
             say(f"  reference:  {sample['reference']}")
 
+    adapter_dir = peftlab.save(model, out / "adapter")  # every rank gathers a sharded model; rank 0 writes
     if not place.main:
         return 0
-    adapter_dir = peftlab.save(model, out / "adapter")
     if not classify:
         write_prompt_file(adapter_dir, o["system"], tokenizer)
     total = time.perf_counter() - started

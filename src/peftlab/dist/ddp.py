@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -79,10 +80,24 @@ def setup(place: World, device: torch.device) -> None:
 
 
 def _leave() -> None:
+    """At exit: let gloo's worker threads finish every collective still in flight, and drop what
+    they hold, before Python shuts down. A gloo thread releases a finished collective's tensors,
+    which needs the interpreter; one that does so while Python is finalizing aborts the process
+    ("terminate called without an active exception"), turning a finished run into a failed one.
+    FSDP keeps the process group alive through its sharded parameters, so closing the group does
+    not stop those threads: the barrier waits for the collectives, the pause hands the threads the
+    interpreter to release them. A rank that is already gone delays the exit by the barrier's timeout."""
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "gloo":
+        try:
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=10))
+        except RuntimeError:
+            pass  # some rank already left
+        time.sleep(0.1)
+    dist.destroy_process_group()
 
 
 class LossModule(nn.Module):

@@ -63,7 +63,17 @@ def task_type(model: nn.Module) -> str | None:
 # ---- save ------------------------------------------------------------------------------------
 
 def save(model: nn.Module, out_dir, name: str = "default") -> Path:
-    """Write adapter ``name`` to ``out_dir`` (PEFT's format where PEFT has the method); returns the folder."""
+    """Write adapter ``name`` to ``out_dir`` (PEFT's format where PEFT has the method); returns the folder.
+
+    Under torchrun only rank 0 writes. A model sharded by FSDP is gathered whole first, so there
+    every rank must call ``save`` (as with any collective)."""
+    from ..dist import fsdp, world
+
+    with fsdp.gathered(model):
+        return _save(model, Path(out_dir), name, write=world().main)
+
+
+def _save(model: nn.Module, out: Path, name: str, write: bool) -> Path:
     state = require_state(model)
     state.check_known([name])
     if name in state.merged:
@@ -84,9 +94,8 @@ def save(model: nn.Module, out_dir, name: str = "default") -> Path:
                                "config": configs[0].to_dict(), "configs": [c.to_dict() for c in configs],
                                "base_quantization": quantization_record(model)}),
     }
-    out = Path(out_dir)
-    # both files or neither: a failed save never pairs new weights with an old config
-    write_files({out / WEIGHTS_NAME: tensor_bytes(tensors, metadata), out / CONFIG_NAME: json_bytes(hf)})
+    if write:  # both files or neither: a failed save never pairs new weights with an old config
+        write_files({out / WEIGHTS_NAME: tensor_bytes(tensors, metadata), out / CONFIG_NAME: json_bytes(hf)})
     return out
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ..dist.fsdp import full, scatter
 from ..errors import TrainingError
 from ..formats.files import read_json, read_tensors, write_json, write_tensors
 
@@ -40,15 +41,20 @@ def has_checkpoint(folder: Path) -> bool:
     return (Path(folder) / STATE_FILE).is_file()
 
 
-def save_checkpoint(folder: Path, step: int, params: dict, optimizer, progress: dict) -> None:
+def save_checkpoint(folder: Path, step: int, params: dict, optimizer, progress: dict, write: bool = True) -> None:
     """Write step ``step``: ``params`` maps names to trainable parameters; ``progress`` is the
-    JSON-ready rest of the run's state (data position, losses, ...)."""
+    JSON-ready rest of the run's state (data position, losses, ...). Sharded (FSDP) tensors are
+    gathered whole, so every rank of a sharded run must call this; only one with ``write`` writes."""
     folder = Path(folder)
     files = {kind: f"{kind}-{step:08d}.safetensors" for kind in _KINDS}
     meta = {"step": str(step)}
     optimizer_tensors, optimizer_rest = _split_optimizer_state(optimizer.state_dict())
+    optimizer_tensors = {key: full(value) for key, value in optimizer_tensors.items()}
+    adapter_tensors = {name: full(p.data) for name, p in params.items()}
+    if not write:
+        return
     rng_tensors, rng_rest = capture_rng()
-    write_tensors(folder / files["adapter"], {name: p.data for name, p in params.items()}, meta)
+    write_tensors(folder / files["adapter"], adapter_tensors, meta)
     write_tensors(folder / files["optimizer"], optimizer_tensors, meta)
     write_tensors(folder / files["rng"], rng_tensors, meta)
     state = {
@@ -73,8 +79,14 @@ def load_checkpoint(folder: Path, params: dict, optimizer) -> dict:
     tensors = {kind: _read_step_file(folder, state, kind) for kind in _KINDS}
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(tensors["adapter"][name])
-    optimizer.load_state_dict(_join_optimizer_state(tensors["optimizer"], state["optimizer"]))
+            p.copy_(scatter(tensors["adapter"][name], p))
+    saved = _join_optimizer_state(tensors["optimizer"], state["optimizer"])
+    in_order = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, param_state in saved["state"].items():  # moments laid out as their parameter is
+        for key, value in param_state.items():
+            if torch.is_tensor(value) and value.shape == in_order[index].shape:
+                param_state[key] = scatter(value, in_order[index])
+    optimizer.load_state_dict(saved)
     restore_rng(tensors["rng"], state["rng"])
     return state
 

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from ..errors import ConfigError
 
 SCHEDULES = ("cosine", "linear", "constant")
+STRATEGIES = ("ddp", "fsdp")
 OPTIMIZERS = ("adamw", "mezo")
 
 # Settings that decide the exact sequence of updates; a resume with different values cannot
@@ -34,7 +35,9 @@ class TrainConfig:
     a much smaller lr and many more steps, e.g. 1e-4 for LoRA, 1e-6 for full weights, and ignores
     max_grad_norm); mezo_eps: MeZO's perturbation scale; group_by_length: batch rows of similar
     length together (within windows of 50 batches of a random order), so short rows are not padded
-    to long ones: the same data, a fraction of the padding (``loop.DataOrder``)."""
+    to long ones: the same data, a fraction of the padding (``loop.DataOrder``); strategy: under
+    torchrun, "ddp" (every rank holds the whole model, ``dist/ddp.py``) or "fsdp" (every parameter
+    sharded across the ranks, ``dist/fsdp.py``); one process ignores it."""
 
     lr: float = 2e-3
     steps: int = 120
@@ -57,6 +60,7 @@ class TrainConfig:
     optimizer: str = "adamw"
     mezo_eps: float = 1e-3
     group_by_length: bool = False
+    strategy: str = "ddp"
 
     def __post_init__(self):
         if self.out_dir is not None:
@@ -92,6 +96,8 @@ class TrainConfig:
             raise ConfigError(f"train: mezo_eps (MeZO's perturbation scale) must be a positive number, got {self.mezo_eps!r}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"train: schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"train: strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         if self.warmup_steps >= self.steps:
             warnings.warn(f"train: warmup_steps={self.warmup_steps} covers the whole run (steps={self.steps}), so the "
                           f"learning rate never reaches lr={self.lr:g}", stacklevel=4)

@@ -65,18 +65,21 @@ def train(model: torch.nn.Module, data, cfg: TrainConfig | None = None, eval_fn=
     ddp.setup(place, device)
     was_training = model.training
     prepare_model(model, device)
-    params = trainable_parameters(model)
-    saved = {**params, **adapter_buffers(model)}  # what a checkpoint holds besides the optimizer
-    optimizer = make_optimizer(params, cfg)
+    trainable_parameters(model)  # a clear error before anything else when nothing trains
     order = DataOrder(len(data), cfg.seed, row_lengths(data) if cfg.group_by_length else None,
                       cfg.batch_size * place.size)
     collate = getattr(data, "collate", None) or functools.partial(pad_collate, pad_id=pad_id_of(model_config(model)))
-    run = start_or_resume(cfg, saved, optimizer, place)
-    if run.resumed_from is None:
-        calibrate(model, data, collate, order, cfg, device)
+    if not resuming(cfg):
+        seed_everything(cfg.seed)
+        calibrate(model, data, collate, order, cfg, device)  # before sharding: the whole model on every rank
     loss_fn = functools.partial(training_loss, chunked=cfg.chunked_loss)
-    forward = ddp.wrap(model, loss_fn, device) if place.distributed else functools.partial(loss_fn, model)
+    forward = parallel_forward(model, loss_fn, cfg, device, place)
+    params = trainable_parameters(model)  # after sharding: FSDP replaces parameters by their shards
+    saved = {**params, **adapter_buffers(model)}  # what a checkpoint holds besides the optimizer
+    optimizer = make_optimizer(params, cfg)
+    run = start_or_resume(cfg, saved, optimizer, place)
     batches = Batches(data, collate, order, cfg, device, place)
+    sharded = place.distributed and cfg.strategy == "fsdp"
 
     model.train()
     bar = tqdm(total=cfg.steps, initial=run.steps, disable=not (cfg.progress and place.main), desc="train",
@@ -92,19 +95,37 @@ def train(model: torch.nn.Module, data, cfg: TrainConfig | None = None, eval_fn=
             if run.steps % cfg.log_every == 0 or run.steps == cfg.steps:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{run.session_tokens_per_second():.0f}")
             bar.update(1)
-            if eval_fn is not None and place.main and due(run.steps, cfg.eval_every, cfg.steps):
-                run.eval_history.append(evaluate(model, eval_fn, run.steps))
+            if eval_fn is not None and (place.main or sharded) and due(run.steps, cfg.eval_every, cfg.steps):
+                run.eval_history.append(evaluate(model, eval_fn, run.steps, forward if sharded else None))
                 bar.write(f"step {run.steps}: {format_metrics(run.eval_history[-1])}")
             if cfg.out_dir and due(run.steps, cfg.save_every, cfg.steps):
-                if place.main:
-                    save_checkpoint(checkpoint_folder(cfg.out_dir), run.steps, saved, optimizer, run.progress(cfg))
+                # every rank takes part (sharded tensors are gathered), rank 0 writes
+                save_checkpoint(checkpoint_folder(cfg.out_dir), run.steps, saved, optimizer, run.progress(cfg),
+                                write=place.main)
                 ddp.barrier(place)  # no rank runs ahead of a checkpoint it might have to resume from
     finally:
         bar.close()
         model.train(was_training)
-    if eval_fn is not None and place.main and (not run.eval_history or run.eval_history[-1]["step"] != run.steps):
+    if sharded:
+        forward.unshard()  # the root's weights whole again, so the model runs (on every rank) as a model
+    if eval_fn is not None and (place.main or sharded) and (not run.eval_history
+                                                            or run.eval_history[-1]["step"] != run.steps):
         run.eval_history.append(evaluate(model, eval_fn, run.steps))  # e.g. resumed from a finished run
     return run.result(device)
+
+
+def resuming(cfg: TrainConfig) -> bool:
+    return bool(cfg.resume and cfg.out_dir and has_checkpoint(checkpoint_folder(cfg.out_dir)))
+
+
+def parallel_forward(model, loss_fn, cfg: TrainConfig, device, place: ddp.World):
+    """``forward(batch) -> loss``: plain in one process, through DDP or FSDP2 under torchrun."""
+    if not place.distributed:
+        return functools.partial(loss_fn, model)
+    if cfg.strategy == "fsdp":
+        from ..dist import fsdp
+        return fsdp.shard(model, loss_fn)
+    return ddp.wrap(model, loss_fn, device)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,9 +452,13 @@ def non_finite_error(loss: float, grad_norm: float, step: int, cfg: TrainConfig)
 # Evaluation and reporting
 
 
-def evaluate(model, eval_fn, step: int) -> dict:
+def evaluate(model, eval_fn, step: int, sharded_root=None) -> dict:
     """Run ``eval_fn(model)`` in eval mode without gradients. The generators are put back
-    afterwards, so evaluating (even sampling text) never changes what training does next."""
+    afterwards, so evaluating (even sampling text) never changes what training does next. Under
+    FSDP every rank evaluates together, with the root's weights gathered first (``sharded_root``);
+    the next training step shards them again."""
+    if sharded_root is not None:
+        sharded_root.unshard()
     was_training = model.training
     model.eval()
     try:
