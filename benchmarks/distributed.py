@@ -1,12 +1,15 @@
-"""Data-parallel training on SmolLM2-135M: 2 DDP ranks against one process at the same global batch.
+"""Data-parallel training on SmolLM2-135M: 2 DDP ranks and 2 FSDP2 ranks against one process at the
+same global batch.
 
     .venv/bin/python benchmarks/distributed.py [--steps 8] [--ranks 2]
 
 LoRA r=16, alpha=32, dropout 0 on every linear layer but the head; fp32; AdamW at lr 1e-3; the
 global batch is 4 x 128 tokens of random ids (fixed seed): one process at batch 4, or R ranks at
-batch 4/R each, started by torchrun on this machine (gloo). The torch threads are shared out: the
+batch 4/R each, started by torchrun on this machine (gloo), with DDP (every rank holds the whole
+model) or FSDP2 (every weight sharded across the ranks). The torch threads are shared out: the
 one process gets all the cores, each rank cores/R. Reports both runs' median step times (after
-two warm-up steps), each process's peak resident memory while training, and the largest
+two warm-up steps), each process's peak resident memory while training (from the start, and in
+the steady state after the first step: the whole model is loaded before FSDP shards it), and the largest
 difference between the two adapters (they should agree to fp32 rounding). Prints one JSON object.
 
 On one machine with few cores data parallelism cannot be faster: the ranks split the same cores
@@ -27,17 +30,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import PeakSampler, cached_model_dir, load_cached_model
+from common import PeakSampler, cached_model_dir, high_water_mark_bytes, load_cached_model, reset_high_water_mark
 
 GLOBAL_BATCH, LENGTH, SEED = 4, 128, 0
 
 
-def worker(out: Path, steps: int, batch: int) -> None:
+def worker(out: Path, steps: int, batch: int, strategy: str) -> None:
     """One process of a run (rank 0 writes its adapter weights and figures)."""
     import torch
     from safetensors.torch import save_file
 
     import peftlab
+    from peftlab.dist.fsdp import full
     from peftlab.train import TrainConfig, train
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", 1)))
@@ -50,23 +54,30 @@ def worker(out: Path, steps: int, batch: int) -> None:
     rows = [{"input_ids": row, "labels": row} for row in ids]
     marks = []
     cfg = TrainConfig(steps=steps, batch_size=batch, lr=1e-3, warmup_steps=0, progress=False, device="cpu",
-                      seed=SEED)
+                      seed=SEED, strategy=strategy)
+    def on_step(step):
+        marks.append(time.perf_counter())
+        if step == 1:  # from here on: the steady state, the model sharded and the optimizer's moments made
+            reset_high_water_mark()
+
     with PeakSampler() as sampler:
-        result = train(model, rows, cfg, on_step=lambda step: marks.append(time.perf_counter()))
+        result = train(model, rows, cfg, on_step=on_step)
+    steady = high_water_mark_bytes()
     rank = int(os.environ.get("RANK", 0))
-    figures = {"rank": rank, "peak_rss_mb": round(sampler.peak / 2**20, 1),
+    figures = {"rank": rank, "peak_rss_mb": round(sampler.peak / 2**20, 1), "steady_peak_rss_mb": round(steady / 2**20, 1),
                "step_seconds": [b - a for a, b in zip(marks, marks[1:])][1:], "losses": result.losses}
     (out / f"figures-{rank}.json").write_text(json.dumps(figures))
+    adapter = {n: full(p.detach()).contiguous() for n, p in model.named_parameters() if p.requires_grad}
     if rank == 0:
-        save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
-                  str(out / "adapter.safetensors"))
+        save_file(adapter, str(out / "adapter.safetensors"))
 
 
-def launch(out: Path, steps: int, ranks: int) -> float:
+def launch(out: Path, steps: int, ranks: int, strategy: str = "ddp") -> float:
     script = [str(Path(__file__).resolve()), "--worker", str(out), "--steps", str(steps),
-              "--batch", str(GLOBAL_BATCH // ranks)]
+              "--batch", str(GLOBAL_BATCH // ranks), "--strategy", strategy]
     threads = max(1, (os.cpu_count() or 1) // ranks)
-    env = {**os.environ, "BENCH_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+    env = {**os.environ, "BENCH_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),
+           "MALLOC_MMAP_THRESHOLD_": "131072"}  # freed tensors leave resident memory (as in memory.py)
     command = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
                if ranks > 1 else [sys.executable]) + script
     started = time.perf_counter()
@@ -78,7 +89,8 @@ def summary(out: Path, ranks: int, wall: float) -> dict:
     figures = [json.loads((out / f"figures-{r}.json").read_text()) for r in range(ranks)]
     return {"ranks": ranks, "batch_per_rank": GLOBAL_BATCH // ranks,
             "median_step_s": round(statistics.median(t for f in figures for t in f["step_seconds"]), 3),
-            "peak_rss_mb_per_rank": [f["peak_rss_mb"] for f in figures], "wall_s": round(wall, 1),
+            "peak_rss_mb_per_rank": [f["peak_rss_mb"] for f in figures],
+            "steady_peak_rss_mb_per_rank": [f["steady_peak_rss_mb"] for f in figures], "wall_s": round(wall, 1),
             "losses": [round(x, 5) for x in figures[0]["losses"]]}
 
 
@@ -88,9 +100,10 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--strategy", default="ddp", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(Path(args.worker), args.steps, args.batch)
+        worker(Path(args.worker), args.steps, args.batch, args.strategy)
         return
     if GLOBAL_BATCH % args.ranks:
         parser.error(f"--ranks must divide the global batch ({GLOBAL_BATCH})")
@@ -98,19 +111,28 @@ def main() -> None:
     from safetensors.torch import load_file
 
     with tempfile.TemporaryDirectory() as tmp:
-        one, many = Path(tmp, "one"), Path(tmp, "many")
-        one.mkdir(), many.mkdir()
+        one, many, sharded = Path(tmp, "one"), Path(tmp, "many"), Path(tmp, "sharded")
+        one.mkdir(), many.mkdir(), sharded.mkdir()
         single = summary(one, 1, launch(one, args.steps, 1))
         parallel = summary(many, args.ranks, launch(many, args.steps, args.ranks))
-        a, b = load_file(str(one / "adapter.safetensors")), load_file(str(many / "adapter.safetensors"))
-        difference = max(float((a[k] - b[k]).abs().max()) for k in a)
+        fsdp = summary(sharded, args.ranks, launch(sharded, args.steps, args.ranks, "fsdp"))
+        adapters = {name: load_file(str(folder / "adapter.safetensors")) for name, folder in
+                    (("one", one), ("ddp", many), ("fsdp", sharded))}
+
+        def difference(name):
+            a, b = adapters["one"], adapters[name]
+            return max(float((a[k] - b[k]).abs().max()) for k in a)
     report = {
         "setup": {"model": "SmolLM2-135M-Instruct (fp32)", "lora": "r=16 alpha=32 dropout=0 all-linear",
                   "global_batch": f"{GLOBAL_BATCH}x{LENGTH}", "steps": args.steps, "cores": os.cpu_count(),
                   "backend": "gloo"},
-        "one_process": single, "ddp": parallel,
-        "adapter_max_abs_difference": difference,
-        "ddp_step_time_vs_one_process": round(parallel["median_step_s"] / single["median_step_s"], 3),
+        "one_process": single, "ddp": parallel, "fsdp": fsdp,
+        "adapter_max_abs_difference": {"ddp": difference("ddp"), "fsdp": difference("fsdp")},
+        "step_time_vs_one_process": {"ddp": round(parallel["median_step_s"] / single["median_step_s"], 3),
+                                     "fsdp": round(fsdp["median_step_s"] / single["median_step_s"], 3)},
+        "fsdp_peak_per_rank_vs_ddp": round(max(fsdp["peak_rss_mb_per_rank"]) / max(parallel["peak_rss_mb_per_rank"]), 3),
+        "fsdp_steady_peak_per_rank_vs_ddp": round(max(fsdp["steady_peak_rss_mb_per_rank"])
+                                                  / max(parallel["steady_peak_rss_mb_per_rank"]), 3),
     }
     print(json.dumps(report, indent=2))
 
