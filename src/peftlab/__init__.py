@@ -17,6 +17,7 @@ from .errors import (  # noqa: E402
     TargetError,
     TrainingError,
 )
+from .dist.many import Job, train_many  # noqa: E402
 from .formats.io import load, save  # noqa: E402
 from .methods import METHODS  # noqa: E402
 from .quant import quantize  # noqa: E402
@@ -25,5 +26,5 @@ from .prune import binarize, prune_ranks  # noqa: E402
 __all__ = [
     "attach", "summary", "save", "load", "set_active", "disabled", "routing", "merge", "unmerge", "unload", "delete",
     "METHODS", "PeftlabError", "ConfigError", "TargetError", "AdapterFormatError", "IncompatibleBaseError",
-    "StateError", "TrainingError", "DataError",
+    "StateError", "TrainingError", "DataError", "Job", "train_many",
 ]

@@ -7,7 +7,11 @@ parameters' gradients are averaged by ``torch.nn.parallel.DistributedDataParalle
 alone writes checkpoints and adapters. torch.distributed does the engine work (process group,
 gradient buckets, all-reduce); this package holds only what is PEFT-specific: which parameters go
 into the buckets (the trainable ones), how a step's rows are split, and who writes.
+
+``many.py`` is the other way past one job per process: K adapters of one frozen base trained in
+one pass (``train_many``), each row routed to its job's adapter.
 """
 from .ddp import World, world
+from .many import Job, JobOutcome, train_many
 
-__all__ = ["World", "world"]
+__all__ = ["World", "world", "Job", "JobOutcome", "train_many"]
