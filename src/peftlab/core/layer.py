@@ -66,6 +66,9 @@ class AdapterLayer(nn.Module):
                 f"routing names {routing.rows} rows but the batch has {x.shape[0]}; give one adapter (or None) per row "
                 "(beam search and num_return_sequences > 1 change the batch size and are not supported with routing)"
             )
+        sliced = self._sliced_forward(x, args, kwargs, routing)
+        if sliced is not None:
+            return sliced
         base_out = self.base_layer(*args, **kwargs)
         out = _first(base_out)
         segments = routing.segments(x.device)
@@ -91,6 +94,32 @@ class AdapterLayer(nn.Module):
                     correction = adapter.inactive_delta(x)
                     out = out + correction.index_fill(0, rows, 0)
         return _replace_first(base_out, out)
+
+    def _sliced_forward(self, x, args, kwargs, routing):
+        """Rows grouped in runs (``Routing.spans``) whose adapters have a fused kernel: each run is a
+        slice of the batch through its adapter's fused layer (the kernel it runs alone), outputs
+        concatenated once. No gathered copies of the batch and no scattered sums: training many
+        adapters in one batch keeps what one adapter's training keeps. None where it does not apply."""
+        if (routing.spans is None or len(args) != 1 or kwargs or _has_hooks(self.base_layer)
+                or torch.is_autocast_enabled(x.device.type)):
+            return None
+        if any(getattr(a, "alters_base", False) or _skipped(a) for a in self.adapters.values()):
+            return None
+        outs = []
+        # one split, not slices: its backward concatenates the runs' input gradients once, where each
+        # slice's backward would write its gradient into a zero tensor of the whole batch
+        pieces = x.split([stop - start for _, start, stop in routing.spans]) if len(routing.spans) > 1 else (x,)
+        for (name, _, _), rows in zip(routing.spans, pieces):
+            adapter = self.adapters[name] if name is not None and name in self.adapters else None
+            if adapter is None:
+                outs.append(self.base_layer(rows))
+                continue
+            fused = getattr(adapter, "fused_forward", None)
+            out = fused(self.base_layer, rows) if fused is not None else None
+            if out is None:
+                return None
+            outs.append(out)
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
     def _restore_base(self, x, out, names):
         for name in names:

@@ -28,6 +28,7 @@ class Routing:
             self._segments_cpu[name] = order[start:stop]
             start = stop
         self._by_device = {}
+        self.spans = _contiguous_runs(self.row_adapters)
 
     def segments(self, device) -> dict:
         """``{adapter name: LongTensor of rows}`` on ``device``, built once per device."""
@@ -43,3 +44,17 @@ class Routing:
     def whole_batch(self, name: str) -> bool:
         idx = self._segments_cpu.get(name)
         return idx is not None and len(idx) == self.rows
+
+
+def _contiguous_runs(row_adapters: list) -> list | None:
+    """``[(name, start, stop), ...]`` when every adapter's rows (and the base rows) form one run of
+    consecutive rows, as when batches are concatenated job by job (``train_many``); else None.
+    Such a batch needs no gather or scatter: each run is a slice."""
+    runs = []
+    for row, name in enumerate(row_adapters):
+        if runs and runs[-1][0] == name:
+            runs[-1][2] = row + 1
+        else:
+            runs.append([name, row, row + 1])
+    names = [run[0] for run in runs]
+    return [tuple(run) for run in runs] if len(set(names)) == len(names) else None

@@ -142,10 +142,10 @@ def fused_step(model: nn.Module, running: list[_Running]) -> int:
 
     started = time.perf_counter()
     batches = [entry.batch() for entry in running]
-    batch, groups = concatenate(batches, model)
+    batch = concatenate(batches, model)
     rows = [entry.job.name for entry, b in zip(running, batches) for _ in range(len(b["input_ids"]))]
     with routing(model, rows):
-        losses = group_losses(model, batch, groups)
+        losses = group_losses(model, batch, [len(b["input_ids"]) for b in batches])
     healthy = []
     for entry, loss, job_batch in zip(running, losses, batches):
         if math.isfinite(loss.item()):
@@ -179,9 +179,9 @@ def fused_step(model: nn.Module, running: list[_Running]) -> int:
     return stepped
 
 
-def concatenate(batches: list[dict], model: nn.Module) -> tuple[dict, list[torch.Tensor]]:
-    """The jobs' batches as one, right-padded to the longest row (ids with the model's pad id,
-    masks with 0, labels with -100); and each job's rows in it."""
+def concatenate(batches: list[dict], model: nn.Module) -> dict:
+    """The jobs' batches as one, job after job, right-padded to the longest row (ids with the
+    model's pad id, masks with 0, labels with -100)."""
     from ..train.data import IGNORE_INDEX, pad_id_of
     from ..train.loop import model_config
 
@@ -206,11 +206,7 @@ def concatenate(batches: list[dict], model: nn.Module) -> tuple[dict, list[torch
             torch.cat([torch.ones_like(b["input_ids"]), b["input_ids"].new_zeros(len(b["input_ids"]),
                                                                                  width - b["input_ids"].shape[1])], 1)
             for b in batches])
-    starts = [0]
-    for b in batches:
-        starts.append(starts[-1] + len(b["input_ids"]))
-    groups = [torch.arange(a, z, device=joined["input_ids"].device) for a, z in zip(starts, starts[1:])]
-    return joined, groups
+    return joined
 
 
 def stop_message(entry: _Running, what: str, value: float) -> str:

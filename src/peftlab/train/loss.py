@@ -126,23 +126,25 @@ def training_loss(model: nn.Module, batch: dict, chunked: bool = True) -> torch.
     return linear_cross_entropy(hidden[:, :-1], weight, head.bias, labels[:, 1:].to(hidden.device))
 
 
-def group_losses(model: nn.Module, batch: dict, groups: list[torch.Tensor]) -> list[torch.Tensor]:
-    """One mean loss per group of batch rows, from a single forward of the whole batch: each group's
-    loss is the one ``training_loss`` gives for its rows alone (``train_many``'s jobs). A causal LM
-    with a plain head takes the blockwise path; other models compute logits once, then the mean
-    cross-entropy of each group's rows (next-token for 2-D labels, per row for 1-D labels)."""
+def group_losses(model: nn.Module, batch: dict, sizes: list[int]) -> list[torch.Tensor]:
+    """One mean loss per run of consecutive batch rows (``sizes`` rows each), from a single forward
+    of the whole batch: each run's loss is the one ``training_loss`` gives for its rows alone
+    (``train_many``'s jobs). The runs are split off, not indexed: a split's backward joins the runs'
+    gradients once, where indexing would scatter each into a zero tensor of the whole batch. A causal
+    LM with a plain head takes the blockwise path; other models compute logits once, then the mean
+    cross-entropy of each run (next-token for 2-D labels, per row for 1-D labels)."""
     import torch.nn.functional as F
 
-    labels = batch["labels"]
+    labels = batch["labels"].split(sizes)
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     head = plain_head(model)
     if head is not None:
         hidden = model.base_model(**inputs, use_cache=False)[0]
         weight = head.dequantize().detach() if is_quantized(head) else head.weight
-        return [linear_cross_entropy(hidden[rows, :-1], weight, head.bias, labels[rows, 1:].to(hidden.device))
-                for rows in groups]
-    logits = model(**inputs).logits
-    if labels.dim() == 1:  # a classifier: one label per row
-        return [F.cross_entropy(logits[rows].float(), labels[rows].to(logits.device)) for rows in groups]
-    return [F.cross_entropy(logits[rows, :-1].flatten(0, 1).float(), labels[rows, 1:].flatten().to(logits.device),
-                            ignore_index=IGNORE_INDEX) for rows in groups]
+        return [linear_cross_entropy(h[:, :-1], weight, head.bias, y[:, 1:].to(h.device))
+                for h, y in zip(hidden.split(sizes), labels)]
+    logits = model(**inputs).logits.split(sizes)
+    if labels[0].dim() == 1:  # a classifier: one label per row
+        return [F.cross_entropy(z.float(), y.to(z.device)) for z, y in zip(logits, labels)]
+    return [F.cross_entropy(z[:, :-1].flatten(0, 1).float(), y[:, 1:].flatten().to(z.device), ignore_index=IGNORE_INDEX)
+            for z, y in zip(logits, labels)]
