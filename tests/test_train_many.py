@@ -158,3 +158,39 @@ def test_bad_job_lists_fail_before_any_training(change, message):
         train_many(model, change(jobs()), progress=False)
     after = dict(model.named_parameters())
     assert all(torch.equal(after[k], v) for k, v in before.items() if k in after)
+
+
+# ---- the command line ---------------------------------------------------------------------------
+
+def test_peftlab_train_many_trains_each_job_into_its_folder(tmp_path, capsys):
+    import json
+
+    from peftlab.cli import main
+    from safetensors.torch import load_file
+    from test_tasks import char_tokenizer, tiny_llama
+
+    tokenizer = char_tokenizer()
+    tiny_llama(len(tokenizer)).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    for name, count, lr, steps in (("sql", 12, 1e-2, 3), ("json", 10, 5e-3, 4)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(
+            json.dumps({"prompt": f"{name} {i}", "response": f"{i}{i}"}) + "\n" for i in range(count)))
+        (tmp_path / f"{name}.yaml").write_text(
+            f"model: {tmp_path / 'model'}\ndata: {tmp_path / name}.jsonl\nmethod: lora[r=4]\nlr: {lr}\nsteps: {steps}\n"
+            f"batch_size: 2\neval_rows: 0\nout: {tmp_path / 'runs' / name}\n")
+    jobs = ["--job", f"sql={tmp_path / 'sql.yaml'}", "--job", f"json={tmp_path / 'json.yaml'}"]
+    assert main(["train-many", *jobs, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "2 of 2 jobs done" in out
+    for name, steps in (("sql", 3), ("json", 4)):
+        metrics = json.loads((tmp_path / "runs" / name / "metrics.json").read_text())
+        assert metrics["train"]["steps"] == steps and metrics["error"] is None
+        tensors = load_file(str(tmp_path / "runs" / name / "adapter" / "adapter_model.safetensors"))
+        assert tensors and all(".sql." not in k and ".json." not in k for k in tensors)  # saved as a plain adapter
+
+    (tmp_path / "other.yaml").write_text((tmp_path / "json.yaml").read_text().replace(str(tmp_path / "model"), "minilm"))
+    assert main(["train-many", "--job", f"sql={tmp_path / 'sql.yaml'}", "--job", f"other={tmp_path / 'other.yaml'}"]) == 2
+    assert "different base models" in capsys.readouterr().err
+    (tmp_path / "twin.yaml").write_text((tmp_path / "json.yaml").read_text().replace("runs/json", "runs/sql"))
+    assert main(["train-many", "--job", f"sql={tmp_path / 'sql.yaml'}", "--job", f"twin={tmp_path / 'twin.yaml'}"]) == 2
+    assert "two jobs would write to" in capsys.readouterr().err

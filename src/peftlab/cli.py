@@ -70,6 +70,12 @@ TRAIN_OPTIONS = [
                              "(FSDP2: every weight sharded across the processes)"),
     ("nproc", int, 1, "data-parallel processes on this machine, started through torchrun (gloo on CPU, nccl on "
                       "GPU; batch-size is per process); under torchrun itself this is ignored"),
+    ("backend", str, "local", "local (this machine: one process, or --nproc through torchrun) or ray (--workers "
+                              "processes placed by Ray Train on a Ray cluster; needs peftlab[dist])"),
+    ("workers", int, 2, "with --backend ray: training processes (Ray Train workers; batch-size is per worker)"),
+    ("cpus_per_worker", int, 1, "with --backend ray: CPUs each worker reserves and uses as torch threads"),
+    ("address", str, None, "with --backend ray: the Ray cluster to join (default: RAY_ADDRESS if set, else a local "
+                           "Ray started for this run)"),
     ("chunked_loss", bool, True, "causal LMs: compute the head and loss in blocks of rows, never the full logits"),
     ("gradient_checkpointing", bool, False, "recompute each layer's activations in the backward pass instead of "
                                             "keeping them: less memory, about one more forward of compute"),
@@ -150,6 +156,18 @@ def build_parser() -> argparse.ArgumentParser:
     methods.add_argument("--json", action="store_true", help="print JSON instead of a table")
     methods.add_argument("--markdown", action="store_true", help="print the README's Markdown table")
     methods.set_defaults(func=cmd_methods)
+
+    many = commands.add_parser(
+        "train-many", help="train several LoRA jobs on one base in one pass",
+        description="Each --job NAME=FILE is a job: FILE holds train options (YAML or JSON, as for 'train --config': "
+                    "data, keys, method, lr, steps, batch-size, schedule, seed, out, ...). All jobs share one frozen "
+                    "base model, loaded once; each step runs every job's batch through it together, each row through "
+                    "its own job's adapter, and steps each job's own optimizer. Each job writes its adapter and "
+                    "metrics.json to its out folder.")
+    many.add_argument("--job", action="append", required=True, metavar="NAME=FILE", help="a job (repeat for each)")
+    many.add_argument("--max-jobs", type=int, metavar="N", help="jobs training at once; the rest wait (default: all)")
+    many.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    many.set_defaults(func=cmd_train_many)
 
     from .bench import add_parser as add_bench_parser
     add_bench_parser(commands)
@@ -274,7 +292,8 @@ TRAIN_TASKS = ("causal-lm", "sequence-classification")
 def check_train_options(o: dict) -> None:
     if o["task"] not in TRAIN_TASKS:
         raise ConfigError(f"--task must be one of {', '.join(TRAIN_TASKS)}, got {o['task']!r}")
-    for name in ("eval_rows", "train_rows", "eval_batch_size", "max_length", "max_new_tokens", "nproc"):
+    for name in ("eval_rows", "train_rows", "eval_batch_size", "max_length", "max_new_tokens", "nproc", "workers",
+                 "cpus_per_worker"):
         value = o[name]
         if value is not None and (value < (0 if name == "eval_rows" else 1)):
             raise ConfigError(f"--{name.replace('_', '-')} must be {'>= 0' if name == 'eval_rows' else 'positive'}, "
@@ -282,6 +301,11 @@ def check_train_options(o: dict) -> None:
     if o["task"] == "sequence-classification" and not o["data"]:
         raise ConfigError("sequence-classification needs --data, e.g. --data ../shared/data/sst2/train.tsv "
                           "--text-key sentence --model minilm")
+    if o["backend"] not in ("local", "ray"):
+        raise ConfigError(f"--backend must be local or ray, got {o['backend']!r}")
+    if o["backend"] == "ray" and o["nproc"] > 1:
+        raise ConfigError("--nproc starts processes on this machine through torchrun; with --backend ray Ray places "
+                          "them: give --workers N instead")
     from .quant import FORMATS
     if o["quantize"] is not None and o["quantize"] not in FORMATS:
         raise ConfigError(f"--quantize must be one of {', '.join(FORMATS)}, got {o['quantize']!r}")
@@ -302,29 +326,35 @@ def say(*parts) -> None:
 
 
 def cmd_train(args) -> int:
+    from .dist import ddp
+
+    o = resolve_train_options(args)
+    if not ddp.world().distributed:
+        if o["backend"] == "ray":
+            from .dist import cluster
+            return cluster.train(o, say=say)
+        if o["nproc"] > 1:
+            return launch_data_parallel(o["nproc"], args.argv)
+    return run_train(o)
+
+
+def run_train(o: dict) -> int:
+    """The training run of resolved options ``o``, in this process (one of several under torchrun or
+    Ray Train, which set up the process group): load, evaluate, train, evaluate, save, report."""
     import torch
 
     import peftlab
     from .core.adapters import build_configs, train_new_head
     from .models import load_model
-    from .train import TrainConfig, train
+    from .train import train
 
     from .dist import ddp
 
     started = time.perf_counter()
-    o = resolve_train_options(args)
     place = ddp.world()
-    if o["nproc"] > 1 and not place.distributed:
-        return launch_data_parallel(o["nproc"], args.argv)
     out = Path(o["out"])
     classify = o["task"] == "sequence-classification"
-    train_cfg = TrainConfig(
-        lr=o["lr"], steps=o["steps"], batch_size=o["batch_size"], grad_accum=o["grad_accum"],
-        warmup_steps=o["warmup_steps"], schedule=o["schedule"], weight_decay=o["weight_decay"],
-        max_grad_norm=o["max_grad_norm"], eval_every=o["eval_every"], seed=o["seed"], out_dir=str(out),
-        save_every=o["save_every"], resume=o["resume"], device=o["device"], chunked_loss=o["chunked_loss"],
-        progress=o["progress"], gradient_checkpointing=o["gradient_checkpointing"], optimizer=o["optimizer"],
-        mezo_eps=o["mezo_eps"], group_by_length=o["group_by_length"], strategy=o["strategy"])
+    train_cfg = train_config(o)
     builtin = o["data"] is None
     if builtin and o["system"] is None:
         from .tasks import extract
@@ -411,6 +441,66 @@ def cmd_train(args) -> int:
     if before is not None and after is not None:
         say(f"held-out {shown}: {before[metric]:.3f} -> {after[metric]:.3f}")
     return 0
+
+
+def train_config(o: dict):
+    """The training loop's settings from resolved train options."""
+    from .train import TrainConfig
+
+    return TrainConfig(
+        lr=o["lr"], steps=o["steps"], batch_size=o["batch_size"], grad_accum=o["grad_accum"],
+        warmup_steps=o["warmup_steps"], schedule=o["schedule"], weight_decay=o["weight_decay"],
+        max_grad_norm=o["max_grad_norm"], eval_every=o["eval_every"], seed=o["seed"], out_dir=str(o["out"]),
+        save_every=o["save_every"], resume=o["resume"], device=o["device"], chunked_loss=o["chunked_loss"],
+        progress=o["progress"], gradient_checkpointing=o["gradient_checkpointing"], optimizer=o["optimizer"],
+        mezo_eps=o["mezo_eps"], group_by_length=o["group_by_length"], strategy=o["strategy"])
+
+
+def cmd_train_many(args) -> int:
+    import peftlab
+    from .formats.files import write_json
+    from .models import load_model
+
+    started = time.perf_counter()
+    specs = {}
+    for item in args.job:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--job takes NAME=FILE (a job name and its options file), got {item!r}")
+        if name in specs:
+            raise ConfigError(f"--job names must differ; {name!r} is given twice")
+        specs[name] = resolve_train_options(argparse.Namespace(config=path))
+    models = sorted({o["model"] for o in specs.values()})
+    if len(models) > 1:
+        raise ConfigError(f"the jobs are for different base models ({', '.join(models)}); train-many trains jobs of one "
+                          "base in one pass: run one train-many per base")
+    if any(o["task"] != "causal-lm" for o in specs.values()):
+        raise ConfigError("train-many trains causal-lm jobs; train a classifier with 'peftlab train'")
+    say(f"peftlab train-many: {len(specs)} jobs on {models[0]}")
+    model, tokenizer = load_model(models[0], device=next(iter(specs.values()))["device"])
+    jobs = []
+    for name, o in specs.items():
+        train_rows, eval_rows = load_train_rows(o)
+        data, _, _ = build_data(o, model, tokenizer, train_rows, [], None)
+        jobs.append(peftlab.Job(name, data, train_config({**o, "progress": False}), o["method"], base=o["model"]))
+        say(f"  {name}: {o['method']} on {o['data'] or 'the built-in extract task'} ({len(data)} rows), "
+            f"{o['steps']} steps at lr {o['lr']:g} -> {o['out']}")
+    outcomes = peftlab.train_many(model, jobs, max_jobs=args.max_jobs, progress=args.progress)
+    failed = 0
+    for job in jobs:
+        outcome = outcomes[job.name]
+        summary = outcome.result.summary()
+        write_json(Path(job.config.out_dir) / "metrics.json",
+                   {"job": job.name, "train": summary, "losses": [round(x, 5) for x in outcome.result.losses],
+                    "error": outcome.error, "config": specs[job.name], "peftlab_version": peftlab.__version__})
+        if outcome.error:
+            failed += 1
+            print(f"error: {outcome.error}", file=sys.stderr)
+        else:
+            say(f"{job.name}: {outcome.result.steps} steps, final loss {outcome.result.final_loss:.4f}; "
+                f"saved {Path(job.config.out_dir) / 'adapter'}")
+    say(f"train-many: {len(jobs) - failed} of {len(jobs)} jobs done in {time.perf_counter() - started:.1f} s")
+    return 1 if failed else 0
 
 
 def launch_data_parallel(processes: int, argv: list) -> int:

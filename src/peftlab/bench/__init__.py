@@ -38,6 +38,11 @@ def add_parser(commands) -> None:
     bench.add_argument("--results", default=DEFAULT_RESULTS, help=f"results file (default: {DEFAULT_RESULTS})")
     bench.add_argument("--out", help="report folder (default: the results file's folder)")
     bench.add_argument("--threads", type=int, default=2, help="torch threads per cell (default: 2)")
+    bench.add_argument("--backend", choices=("local", "ray"), default="local",
+                       help="local: cells one after another here; ray: each cell a Ray task reserving --threads CPUs, "
+                            "as many at once as the cluster holds (needs peftlab[dist])")
+    bench.add_argument("--address", help="with --backend ray: the Ray cluster to join (default: RAY_ADDRESS if set, "
+                                         "else a local Ray started for this run)")
     bench.set_defaults(func=run)
 
 
@@ -72,7 +77,7 @@ def run(args) -> int:
         return 0
     for task in tasks:
         task.rows()  # a missing data file fails now, not after an hour of other cells
-    run_grid(grid, results, threads=args.threads)
+    run_grid(grid, results, threads=args.threads, backend=args.backend, address=args.address)
     print(f"results in {results}; write the report with: peftlab bench report --results {results}")
     return 0
 

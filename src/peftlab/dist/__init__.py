@@ -8,6 +8,9 @@ alone writes checkpoints and adapters. torch.distributed does the engine work (p
 gradient buckets, all-reduce); this package holds only what is PEFT-specific: which parameters go
 into the buckets (the trainable ones), how a step's rows are split, and who writes.
 
+``cluster.py`` does the same on a Ray cluster: Ray Train's ``TorchTrainer`` places the processes
+and makes the group, and the loop runs unchanged; benchmark cells become Ray tasks.
+
 ``many.py`` is the other way past one job per process: K adapters of one frozen base trained in
 one pass (``train_many``), each row routed to its job's adapter.
 """
