@@ -8,11 +8,14 @@ process, with glibc's mmap threshold fixed so freed tensors leave resident memor
 
 - ``alone``: one job trained by ``train()`` in one process: the baseline a job costs by itself.
 - ``fused K``: K jobs trained together by ``train_many`` in one process.
+- both again with gradient checkpointing (``--checkpointing``, on by default; ``--no-checkpointing``).
 
 Against K separate processes (each holding its own copy of the base) the fused run's memory is
 compared with K times ``alone``'s peak; against running the K jobs one after another its time is
-compared with K times ``alone``'s training time. Memory is the whole process's peak resident
-memory while training (VmHWM, reset after the model is loaded). Prints one JSON object.
+compared with K times ``alone``'s training time. A checkpointed fused run is compared with both the
+plain baselines (what K ordinary runs cost) and the checkpointed ones (the same settings). Memory
+is the whole process's peak resident memory while training (VmHWM, reset after the model is
+loaded). Prints one JSON object.
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ def job_rows(index: int, steps: int, vocab: int) -> list:
     return [{"input_ids": row, "labels": row} for row in ids]
 
 
-def run(kind: str, jobs: int, steps: int) -> dict:
+def run(kind: str, jobs: int, steps: int, checkpointing: bool) -> dict:
     import torch
 
     import peftlab
@@ -45,7 +48,7 @@ def run(kind: str, jobs: int, steps: int) -> dict:
     model = load_cached_model()
     model.config.use_cache = False
     configs = [TrainConfig(steps=steps, batch_size=BATCH, lr=1e-3 * (1 + i), warmup_steps=0, seed=i, progress=False,
-                           device="cpu") for i in range(jobs)]
+                           device="cpu", gradient_checkpointing=checkpointing) for i in range(jobs)]
     data = [job_rows(i, steps, model.config.vocab_size) for i in range(jobs)]
     with PeakSampler() as sampler:
         started = time.perf_counter()
@@ -57,7 +60,7 @@ def run(kind: str, jobs: int, steps: int) -> dict:
                                                   for i in range(jobs)], progress=False)
             losses = [outcomes[f"job{i}"].result.losses for i in range(jobs)]
         seconds = time.perf_counter() - started
-    return {"kind": kind, "jobs": jobs, "train_s": round(seconds, 2), "peak_rss_mb": round(sampler.peak / 2**20, 1),
+    return {"kind": kind, "jobs": jobs, "checkpointing": checkpointing, "train_s": round(seconds, 2), "peak_rss_mb": round(sampler.peak / 2**20, 1),
             "tokens_per_s": round(jobs * steps * BATCH * LENGTH / seconds, 1),
             "last_losses": [round(job[-1], 4) for job in losses]}
 
@@ -66,30 +69,40 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--jobs", default="1,2,4")
+    parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
+                        help="skip the gradient-checkpointing rows")
     parser.add_argument("--run", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run:
-        kind, jobs = args.run.split(":")
-        print(json.dumps(run(kind, int(jobs), args.steps)))
+        kind, jobs, checkpointing = args.run.split(":")
+        print(json.dumps(run(kind, int(jobs), args.steps, checkpointing == "1")))
         return
     cached_model_dir()
 
-    def measure(kind: str, jobs: int) -> dict:
-        done = subprocess.run([sys.executable, __file__, "--run", f"{kind}:{jobs}", "--steps", str(args.steps)],
-                              check=True, capture_output=True, text=True,
+    def measure(kind: str, jobs: int, checkpointing: bool) -> dict:
+        done = subprocess.run([sys.executable, __file__, "--run", f"{kind}:{jobs}:{int(checkpointing)}",
+                               "--steps", str(args.steps)], check=True, capture_output=True, text=True,
                               env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
         return json.loads(done.stdout.strip().splitlines()[-1])
 
-    alone = measure("alone", 1)
+    def compare(fused: dict, alone: dict, suffix: str = "") -> None:
+        jobs = fused["jobs"]
+        fused["memory_vs_separate_processes" + suffix] = round(fused["peak_rss_mb"] / (jobs * alone["peak_rss_mb"]), 3)
+        fused["time_vs_sequential" + suffix] = round(fused["train_s"] / (jobs * alone["train_s"]), 3)
+
+    modes = [False, True] if args.checkpointing else [False]
+    alone = {mode: measure("alone", 1, mode) for mode in modes}
     rows = []
-    for jobs in [int(k) for k in args.jobs.split(",")]:
-        fused = measure("fused", jobs)
-        fused["memory_vs_separate_processes"] = round(fused["peak_rss_mb"] / (jobs * alone["peak_rss_mb"]), 3)
-        fused["time_vs_sequential"] = round(fused["train_s"] / (jobs * alone["train_s"]), 3)
-        rows.append(fused)
+    for mode in modes:
+        for jobs in [int(k) for k in args.jobs.split(",")]:
+            fused = measure("fused", jobs, mode)
+            compare(fused, alone[False])  # against K ordinary runs
+            if mode:
+                compare(fused, alone[True], "_checkpointed")  # against K runs with the same setting
+            rows.append(fused)
     print(json.dumps({"setup": {"model": "SmolLM2-135M-Instruct (fp32)", "lora": METHOD, "batch": f"{BATCH}x{LENGTH}",
                                 "steps_per_job": args.steps, "cores": os.cpu_count()},
-                      "alone": alone, "fused": rows}, indent=2))
+                      "alone": alone[False], "alone_checkpointed": alone.get(True), "fused": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -76,6 +76,17 @@ def test_queued_jobs_join_when_a_slot_frees_and_still_match():
         assert_same(adapter_of(model, job.name), alone(job))
 
 
+def test_checkpointed_activations_recompute_inside_the_routing_and_train_the_same_adapters():
+    """With gradient checkpointing the layers run their forward again during backward; run outside
+    the step's routing, every row would go through every job's adapter there."""
+    checkpointed = {name: {"gradient_checkpointing": True} for name in "abc"}
+    model = make_llama()
+    outcomes = train_many(model, jobs(**checkpointed), progress=False)
+    assert all(o.error is None for o in outcomes.values())
+    for job in jobs():
+        assert_same(adapter_of(model, job.name), alone(job))
+
+
 class Poisoning(list):
     """Rows that, when row access number ``at`` comes, turn adapter ``name``'s weights to NaN."""
 
@@ -194,3 +205,7 @@ def test_peftlab_train_many_trains_each_job_into_its_folder(tmp_path, capsys):
     (tmp_path / "twin.yaml").write_text((tmp_path / "json.yaml").read_text().replace("runs/json", "runs/sql"))
     assert main(["train-many", "--job", f"sql={tmp_path / 'sql.yaml'}", "--job", f"twin={tmp_path / 'twin.yaml'}"]) == 2
     assert "two jobs would write to" in capsys.readouterr().err
+    assert main(["train-many", "--job", f"sql={tmp_path / 'sql.yaml'}", "--job", f"sql={tmp_path / 'json.yaml'}"]) == 2
+    assert "--job names must differ; 'sql' is given twice" in capsys.readouterr().err
+    assert main(["train-many", "--job", str(tmp_path / "sql.yaml")]) == 2
+    assert "--job takes NAME=FILE" in capsys.readouterr().err

@@ -443,6 +443,20 @@ def run_train(o: dict) -> int:
     return 0
 
 
+def named_values(items: list, flag: str, value: str) -> dict:
+    """``NAME=VALUE`` arguments of a repeated ``flag`` as {name: value}; a malformed or repeated name
+    is a clear error."""
+    named = {}
+    for item in items:
+        name, sep, given = item.partition("=")
+        if not sep or not name or not given:
+            raise ConfigError(f"{flag} takes NAME={value}, got {item!r}")
+        if name in named:
+            raise ConfigError(f"{flag} names must differ; {name!r} is given twice")
+        named[name] = given
+    return named
+
+
 def train_config(o: dict):
     """The training loop's settings from resolved train options."""
     from .train import TrainConfig
@@ -462,14 +476,8 @@ def cmd_train_many(args) -> int:
     from .models import load_model
 
     started = time.perf_counter()
-    specs = {}
-    for item in args.job:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise ConfigError(f"--job takes NAME=FILE (a job name and its options file), got {item!r}")
-        if name in specs:
-            raise ConfigError(f"--job names must differ; {name!r} is given twice")
-        specs[name] = resolve_train_options(argparse.Namespace(config=path))
+    specs = {name: resolve_train_options(argparse.Namespace(config=path))
+             for name, path in named_values(args.job, "--job", "FILE").items()}
     models = sorted({o["model"] for o in specs.values()})
     if len(models) > 1:
         raise ConfigError(f"the jobs are for different base models ({', '.join(models)}); train-many trains jobs of one "

@@ -35,12 +35,24 @@ def connect(address: str | None = None):
         raise ConfigError(INSTALL_HINT) from None
     if ray.is_initialized():
         return ray
+    import warnings
+    warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
     try:
-        ray.init(address=address, include_dashboard=False, logging_level="ERROR")
+        ray.init(address=address, include_dashboard=False, logging_level="ERROR",
+                 runtime_env={"worker_process_setup_hook": quiet_worker})
     except ConnectionError as error:
         raise PeftlabError(f"could not join the Ray cluster at {address or os.environ.get('RAY_ADDRESS')}: {error}. "
                            "Start one with 'ray start --head' (or leave --address out to run on a local Ray)") from None
     return ray
+
+
+def quiet_worker() -> None:
+    """Run in every Ray worker process of a peftlab job. Ray Train's placement-group cleaner asks
+    Ray's state API about the controller once a second, and without Ray's dashboard (``ray[default]``,
+    which peftlab does not need) every ask fails with a warning: hundreds of identical lines."""
+    import logging
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
 
 
 # ---- benchmark cells ---------------------------------------------------------------------------------

@@ -137,6 +137,7 @@ def fused_step(model: nn.Module, running: list[_Running]) -> int:
     rows; return how many jobs stepped."""
     from .. import routing
     from ..train.checkpoint import checkpoint_folder, save_checkpoint
+    from ..train.checkpointing import gradient_checkpointing
     from ..train.loop import clip_gradients, count_tokens, due, lr_at
     from ..train.loss import group_losses
 
@@ -144,16 +145,17 @@ def fused_step(model: nn.Module, running: list[_Running]) -> int:
     batches = [entry.batch() for entry in running]
     batch = concatenate(batches, model)
     rows = [entry.job.name for entry, b in zip(running, batches) for _ in range(len(b["input_ids"]))]
-    with routing(model, rows):
+    # backward inside the routing too: checkpointed layers run their forward again in it
+    with routing(model, rows), gradient_checkpointing(model, running[0].cfg.gradient_checkpointing):
         losses = group_losses(model, batch, [len(b["input_ids"]) for b in batches])
-    healthy = []
-    for entry, loss, job_batch in zip(running, losses, batches):
-        if math.isfinite(loss.item()):
-            healthy.append((entry, loss, job_batch))
-        else:
-            entry.error = stop_message(entry, "loss", loss.item())
-    if healthy:
-        sum(loss for _, loss, _ in healthy).backward()
+        healthy = []
+        for entry, loss, job_batch in zip(running, losses, batches):
+            if math.isfinite(loss.item()):
+                healthy.append((entry, loss, job_batch))
+            else:
+                entry.error = stop_message(entry, "loss", loss.item())
+        if healthy:
+            sum(loss for _, loss, _ in healthy).backward()
     seconds = time.perf_counter() - started
     stepped = 0
     for entry, loss, job_batch in healthy:
@@ -251,8 +253,6 @@ def check_jobs(model: nn.Module, jobs: list[Job], max_jobs: int | None) -> None:
             raise ConfigError(f"train_many: job {job.name!r} asks for optimizer={job.config.optimizer!r}, "
                               f"grad_accum={job.config.grad_accum}; jobs in one pass train with AdamW, one batch a "
                               "step (raise batch_size instead of grad_accum)")
-    if jobs[0].config.gradient_checkpointing:
-        raise ConfigError("train_many does not checkpoint activations yet; set gradient_checkpointing=False")
     if max_jobs is not None and (not isinstance(max_jobs, int) or max_jobs < 1):
         raise ConfigError(f"train_many: max_jobs must be a positive integer, got {max_jobs!r}")
 

@@ -119,14 +119,9 @@ def run_serve(args) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    adapters = {}
-    for item in args.adapter:
-        name, sep, folder = item.partition("=")
-        if not sep or not name or not folder:
-            raise ConfigError(f"--adapter takes NAME=DIR, got {item!r}")
-        if name in adapters:
-            raise ConfigError(f"--adapter {name} is given twice")
-        adapters[name] = folder
+    from ..cli import named_values
+
+    adapters = named_values(args.adapter, "--adapter", "DIR")
     app, engine = build_server(
         args.base, adapters, max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, max_lora_rank=args.max_lora_rank,
         max_batch=args.max_batch, max_step_tokens=args.max_step_tokens, max_queue=args.max_queue,

@@ -1,0 +1,1 @@
+"""Combining adapters: merging and arithmetic of their weight updates (``algebra.py``)."""
