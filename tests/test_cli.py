@@ -35,7 +35,8 @@ def trained(tmp_path, capsys, fake_models):
 
 # ---- help ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("command", [[], ["train"], ["generate"], ["info"], ["merge"], ["methods"]])
+@pytest.mark.parametrize("command", [[], ["train"], ["generate"], ["info"], ["merge"], ["methods"], ["combine"],
+                                     ["train-many"]])
 def test_help_for_every_command(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(command + ["--help"])

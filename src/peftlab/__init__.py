@@ -17,6 +17,7 @@ from .errors import (  # noqa: E402
     TargetError,
     TrainingError,
 )
+from .compose import combine  # noqa: E402
 from .dist.many import Job, train_many  # noqa: E402
 from .formats.io import load, save  # noqa: E402
 from .methods import METHODS  # noqa: E402
@@ -26,5 +27,5 @@ from .prune import binarize, prune_ranks  # noqa: E402
 __all__ = [
     "attach", "summary", "save", "load", "set_active", "disabled", "routing", "merge", "unmerge", "unload", "delete",
     "METHODS", "PeftlabError", "ConfigError", "TargetError", "AdapterFormatError", "IncompatibleBaseError",
-    "StateError", "TrainingError", "DataError", "Job", "train_many",
+    "StateError", "TrainingError", "DataError", "Job", "train_many", "combine",
 ]

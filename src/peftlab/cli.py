@@ -150,6 +150,24 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--device", default="cpu", help="device to merge on (default: cpu)")
     merge.set_defaults(func=cmd_merge)
 
+    combined = commands.add_parser(
+        "combine", help="combine adapters into one LoRA: task arithmetic, TIES, DARE, SVD, concatenation",
+        description="Load the adapters onto their base model, combine their true weight updates layer by layer "
+                    "(each through its own method's math: LoRA, rsLoRA, PiSSA, DoRA, AdaLoRA, ...), and save the result "
+                    "as a plain Hugging Face PEFT LoRA. linear: the exact weighted sum (negative weights subtract); "
+                    "cat: the stacked factors; svd: the sum's best approximation at --rank; ties, dare_linear, "
+                    "dare_ties, magnitude_prune: pruned to --density entry by entry, then factorized.")
+    combined.add_argument("adapters", nargs="+", metavar="DIR", help="adapter folders")
+    combined.add_argument("--weights", help="comma-separated weights, one per adapter (default: 1 each), e.g. 1,1,-0.5")
+    combined.add_argument("--method", default="linear", help="linear (default), cat, svd, ties, dare_linear, dare_ties "
+                                                             "or magnitude_prune")
+    combined.add_argument("--density", type=float, help="ties / dare / magnitude_prune: share of each update kept")
+    combined.add_argument("--rank", type=int, help="rank of the result (default: exact; svd: the largest input rank)")
+    combined.add_argument("--seed", type=int, default=0, help="DARE's random drop (default: 0)")
+    combined.add_argument("--out", required=True, metavar="DIR", help="folder for the combined adapter")
+    combined.add_argument("--model", help="base model (default: the one the adapters name)")
+    combined.set_defaults(func=cmd_combine)
+
     methods = commands.add_parser("methods", help="list the adapter methods peftlab knows",
                                   description="Every registered method: name, category, paper, whether it merges, and its "
                                               "parameter count on SmolLM2-135M at its defaults.")
@@ -831,6 +849,44 @@ def cmd_merge(args) -> int:
     tokenizer.save_pretrained(out)
     auto = "AutoModelForSequenceClassification" if task == "sequence-classification" else "AutoModelForCausalLM"
     say(f"merged model written to {out}; load it with transformers.{auto}.from_pretrained({str(out)!r})")
+    return 0
+
+
+def cmd_combine(args) -> int:
+    import peftlab
+    from .compose import combine
+    from .formats.files import write_json
+    from .models import load_model
+
+    out = Path(args.out)
+    folders = [Path(a) for a in args.adapters]
+    if any(out.resolve() == f.resolve() for f in folders):
+        raise ConfigError("--out must be a new folder, not one of the adapters'")
+    try:
+        weights = [float(w) for w in args.weights.split(",")] if args.weights else [1.0] * len(folders)
+    except ValueError:
+        raise ConfigError(f"--weights takes comma-separated numbers, e.g. 1,1,-0.5; got {args.weights!r}") from None
+    bases = {str(f): read_adapter_header(f)[0].get("base_model_name_or_path") for f in folders}
+    named = sorted({b for b in bases.values() if b})
+    if not args.model and len(named) != 1:
+        raise ConfigError(f"the adapters name {'no base model' if not named else 'different base models: ' + ', '.join(named)}"
+                          "; pass --model")
+    model_name = args.model or named[0]
+    say(f"loading {model_name} and {len(folders)} adapters")
+    model, _ = load_model(model_name)
+    names = [f"input{i}" for i in range(len(folders))]
+    for folder, name in zip(folders, names):
+        peftlab.load(model, folder, name=name)
+    result = combine(model, names, weights, method=args.method, density=args.density, rank=args.rank, seed=args.seed)
+    adapter = peftlab.save(model, out, name=result.name)
+    ranks = sorted(set(result.ranks.values()))
+    report = {"method": args.method, "inputs": [str(f) for f in folders], "weights": weights, "density": args.density,
+              "rank": args.rank, "seed": args.seed, "ranks": result.ranks, "energy_dropped": result.energy_dropped}
+    write_json(out / "combine.json", report)
+    say(f"{args.method} of {len(folders)} adapters: {len(result.ranks)} layers, rank "
+        f"{ranks[0] if len(ranks) == 1 else f'{ranks[0]}-{ranks[-1]}'}, at most {100 * result.max_energy_dropped:.2f}% "
+        f"of a layer's update energy dropped")
+    say(f"saved {adapter} (a plain Hugging Face PEFT LoRA) and {out / 'combine.json'}")
     return 0
 
 
