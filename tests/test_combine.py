@@ -26,7 +26,7 @@ def with_adapters(*specs, seed=0):
             g = torch.Generator().manual_seed(seed + 10 + i)
             for n, p in model.named_parameters():
                 if f".a{i}." in n:
-                    p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g)) if "magnitude" in n else \
+                    p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g)) if "magnitude" in n or "ia3_l" in n else \
                         p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     return model
 
@@ -38,8 +38,9 @@ def outputs(model, ids, *active):
 
 @pytest.mark.parametrize("spec", [f"lora[r=4,alpha=8,{TARGETS}]", f"lora[r=4,alpha=8,rslora=true,{TARGETS}]",
                                   f"dora[r=2,alpha=6,{TARGETS}]",
-                                  LoraConfig(r=4, targets=["q_proj", "v_proj", "down_proj"], rank_pattern={"v_proj": 2})],
-                         ids=["lora", "rslora", "dora", "patterned"])
+                                  LoraConfig(r=4, targets=["q_proj", "v_proj", "down_proj"], rank_pattern={"v_proj": 2}),
+                                  "ia3"],
+                         ids=["lora", "rslora", "dora", "patterned", "ia3"])
 def test_one_adapter_at_weight_one_gives_it_back(spec, ids):
     model = with_adapters(spec)
     alone = outputs(model, ids, "a0")
@@ -71,6 +72,13 @@ def test_cat_equals_both_adapters_active(ids):
     result = combine(model, ["a0", "a1"], method="cat")
     torch.testing.assert_close(outputs(model, ids, "combined"), both, rtol=0, atol=1e-5)
     assert result.ranks["model.layers.0.self_attn.q_proj"] == 7 and result.ranks["model.layers.0.self_attn.k_proj"] == 3
+
+
+def test_linear_over_different_methods_equals_them_all_active(ids):
+    model = with_adapters("ia3", f"lora[r=4,{TARGETS}]", f"dora[r=2,targets=[o_proj]]")
+    both = outputs(model, ids, "a0", "a1", "a2")
+    combine(model, ["a0", "a1", "a2"])
+    torch.testing.assert_close(outputs(model, ids, "combined"), both, rtol=0, atol=1e-5)
 
 
 def test_svd_at_a_lower_rank_reports_the_energy_it_dropped():

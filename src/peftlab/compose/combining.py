@@ -3,7 +3,8 @@
 Each input adapter's update at a layer is read through its method's own math: a LoRA's
 ``s B A`` with its own scale (rsLoRA's ``alpha / sqrt(r)`` included; PiSSA as the plain LoRA it is
 saved as), the low-rank variants' effective factors, DoRA's effective update
-``m (W + sBA) / ||W + sBA|| - W`` (not low-rank), and ``delta_weight()`` of the other
+``m (W + sBA) / ||W + sBA|| - W`` (not low-rank), (IA)^3's rescaled rows or columns of ``W``
+(where the layer has no bias for it to rescale), and ``delta_weight()`` of the other
 weight-update methods (AdaLoRA, KronA, ...). The combination (``algebra.py``) runs layer by layer,
 and the result is attached as a plain LoRA whose scale is 1 (``alpha = r`` per layer, through
 ``rank_pattern`` / ``alpha_pattern``), so it saves as an ordinary HF PEFT LoRA that
@@ -128,6 +129,7 @@ def updates_of(model: nn.Module, name: str) -> dict:
 
 def layer_update(module_name: str, layer: nn.Module, adapter: nn.Module, name: str):
     from ..methods.dora import DoraLinear, weight_norm
+    from ..methods.ia3 import IA3Linear
     from ..methods.lora import LoraLinear, base_weight, scaling
 
     base = layer.base_layer
@@ -139,6 +141,14 @@ def layer_update(module_name: str, layer: nn.Module, adapter: nn.Module, name: s
             W = base_weight(base)
             moved = W + adapter.delta_weight()
             return moved * (adapter.lora_magnitude_vector / weight_norm(W, adapter.delta_weight()))[:, None] - W
+        if isinstance(adapter, IA3Linear):  # W diag(l) - W (input scaling), or diag(l) W - W (output)
+            W, scale = base_weight(base), adapter.ia3_l - 1
+            if adapter.feedforward:
+                return W * scale[None, :]
+            if getattr(base, "bias", None) is not None and bool(base.bias.any()):
+                raise ConfigError(f"adapter {name!r} ((IA)^3) rescales the bias of {module_name} too, which a LoRA cannot "
+                                  "carry; combine (IA)^3 adapters of bias-free layers only")
+            return scale[:, None] * W
         if type(adapter) is LoraLinear:  # PiSSA comes out as the plain LoRA it is saved as
             tensors, r, alpha = adapter.hf_state()
             return LowRank(tensors["lora_B.weight"] * scaling(alpha, r, adapter.rslora), tensors["lora_A.weight"].clone())
