@@ -10,7 +10,8 @@ batch 4/R each, started by torchrun on this machine (gloo), with DDP (every rank
 model) or FSDP2 (every weight sharded across the ranks). The torch threads are shared out: the
 one process gets all the cores, each rank cores/R. Reports both runs' median step times (after
 two warm-up steps), each process's peak resident memory while training (from the start, and in
-the steady state after the first step: the whole model is loaded before FSDP shards it), and the largest
+the steady state after the first step: the whole model is loaded before FSDP shards it), its resident
+memory between steps (what a rank holds when no block is gathered), and the largest
 difference between the two adapters (they should agree to fp32 rounding). Prints one JSON object.
 
 ``--model tinyllama-shape`` trains a model of TinyLlama-1.1B's shape (22 layers, width 2048,
@@ -37,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import PeakSampler, cached_model_dir, high_water_mark_bytes, load_cached_model, reset_high_water_mark
+from common import PeakSampler, cached_model_dir, high_water_mark_bytes, load_cached_model, reset_high_water_mark, rss_bytes
 
 GLOBAL_BATCH, LENGTH, SEED = 4, 128, 0
 
@@ -71,11 +72,12 @@ def worker(out: Path, steps: int, batch: int, strategy: str, shape: str, checkpo
     ids = torch.randint(0, model.config.vocab_size, (GLOBAL_BATCH * steps, LENGTH),
                         generator=torch.Generator().manual_seed(SEED))
     rows = [{"input_ids": row, "labels": row} for row in ids]
-    marks = []
+    marks, resident = [], []
     cfg = TrainConfig(steps=steps, batch_size=batch, lr=1e-3, warmup_steps=0, progress=False, device="cpu",
                       seed=SEED, strategy=strategy, gradient_checkpointing=checkpointing)
     def on_step(step):
         marks.append(time.perf_counter())
+        resident.append(rss_bytes())  # between steps: what a rank holds, without the step's transients
         if step == 1:  # from here on: the steady state, the model sharded and the optimizer's moments made
             reset_high_water_mark()
 
@@ -84,6 +86,7 @@ def worker(out: Path, steps: int, batch: int, strategy: str, shape: str, checkpo
     steady = high_water_mark_bytes()
     rank = int(os.environ.get("RANK", 0))
     figures = {"rank": rank, "peak_rss_mb": round(sampler.peak / 2**20, 1), "steady_peak_rss_mb": round(steady / 2**20, 1),
+               "resident_between_steps_mb": round(max(resident[1:] or resident) / 2**20, 1),
                "step_seconds": [b - a for a, b in zip(marks, marks[1:])][1:], "losses": result.losses}
     (out / f"figures-{rank}.json").write_text(json.dumps(figures))
     adapter = {n: full(p.detach()).contiguous() for n, p in model.named_parameters() if p.requires_grad}
@@ -111,7 +114,8 @@ def summary(out: Path, ranks: int, wall: float) -> dict:
     return {"ranks": ranks, "batch_per_rank": GLOBAL_BATCH // ranks,
             "median_step_s": round(statistics.median(t for f in figures for t in f["step_seconds"]), 3),
             "peak_rss_mb_per_rank": [f["peak_rss_mb"] for f in figures],
-            "steady_peak_rss_mb_per_rank": [f["steady_peak_rss_mb"] for f in figures], "wall_s": round(wall, 1),
+            "steady_peak_rss_mb_per_rank": [f["steady_peak_rss_mb"] for f in figures],
+            "resident_between_steps_mb_per_rank": [f["resident_between_steps_mb"] for f in figures], "wall_s": round(wall, 1),
             "losses": [round(x, 5) for x in figures[0]["losses"]]}
 
 
@@ -163,6 +167,8 @@ def main() -> None:
         "fsdp_peak_per_rank_vs_ddp": round(max(fsdp["peak_rss_mb_per_rank"]) / max(ddp["peak_rss_mb_per_rank"]), 3),
         "fsdp_steady_peak_per_rank_vs_ddp": round(max(fsdp["steady_peak_rss_mb_per_rank"])
                                                   / max(ddp["steady_peak_rss_mb_per_rank"]), 3),
+        "fsdp_resident_between_steps_vs_ddp": round(max(fsdp["resident_between_steps_mb_per_rank"])
+                                                    / max(ddp["resident_between_steps_mb_per_rank"]), 3),
     }
     print(json.dumps(report, indent=2))
 
