@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS := models,test,bench,quant,serve,dist
+EXTRAS := models,test,bench,quant,serve,dist,compose
 # the CPU build on this machine's disk; constraints.txt pins the same release
 TORCH := torch==2.13.0
 
