@@ -10,6 +10,7 @@ from torch import nn
 import peftlab
 from conftest import logits, make_llama, randomize_adapters
 from peftlab.compose import Average, BatchSplit, Parallel, Stack, activate
+from peftlab.errors import StateError
 
 NAMES = ("a", "b", "c")
 
@@ -152,6 +153,18 @@ def test_train_names_what_trains_and_remove_restores(x):
             torch.testing.assert_close(model(x), by_hand(model, x, lambda i, h: h), rtol=0, atol=1e-6)
     assert peftlab.summary(model)["active"] == ["c"]
     torch.testing.assert_close(logits_of(model, x), before, rtol=0, atol=0)
+
+
+def test_one_composition_at_a_time_and_set_active_waits_for_its_removal(x):
+    model = toy()
+    composition = activate(model, Stack("a", "b"))
+    with pytest.raises(StateError, match="remove"):
+        peftlab.set_active(model, "c")  # would add c's output under the hooks' composition
+    with pytest.raises(StateError, match="already active"):
+        activate(model, Average("a", "b"))
+    composition.remove()
+    peftlab.set_active(model, "c")
+    assert peftlab.summary(model)["active"] == ["c"]
 
 
 def logits_of(model, x):

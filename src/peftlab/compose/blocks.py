@@ -130,9 +130,12 @@ class Composition:
         strays = [n for n in train if n not in names]
         if strays:
             raise ConfigError(f"train names {strays}, which are not in the block {block!r}; train adapters of the block")
+        if self.state.composition is not None:
+            raise StateError(f"{self.state.composition.block!r} is already active on this model; remove() it first")
         self.previous = list(self.state.active)
         self.handles = []
         self._install(names, train)
+        self.state.composition = self  # set_active refuses until remove()
 
     def _install(self, names: list[str], train: list[str]) -> None:
         import peftlab
@@ -156,6 +159,7 @@ class Composition:
             handle.remove()
         if self.handles:
             self.handles.clear()
+            self.state.composition = None
             peftlab.set_active(self.model, self.previous)
 
     def __enter__(self):

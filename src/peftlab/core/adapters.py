@@ -187,6 +187,9 @@ def adapter_layers(model: nn.Module, name: str | None = None):
 def set_active(model: nn.Module, names) -> None:
     """Apply these adapters (one name or a list, summed in order) to every row."""
     state = require_state(model)
+    if state.composition is not None:
+        raise StateError(f"a composition block ({state.composition.block!r}) decides which adapters run; remove() it "
+                         "(or leave its with block) before setting active adapters")
     names = [names] if isinstance(names, str) else list(names)
     state.check_known(names)
     state.active = names

@@ -21,6 +21,7 @@ class AdapterState:
     routing: Routing | None = None  # set inside peftlab.routing(): one adapter per batch row
     merged: list = field(default_factory=list)  # names whose weights are folded into the base
     base_name: str | None = None  # name or path of the base model, recorded on save
+    composition: object = None  # a compose.blocks composition while one is installed
 
     def check_known(self, names) -> None:
         from ..errors import ConfigError
