@@ -49,6 +49,56 @@ def test_one_adapter_at_weight_one_gives_it_back(spec, ids):
     assert result.max_energy_dropped == pytest.approx(0.0, abs=1e-9)
 
 
+ADALORA = "adalora[r=4,target_r=2,alpha=6,targets=[q_proj,v_proj,down_proj]]"
+KRONA = "krona[a_shape=[4,8],scale=2.0,targets=[q_proj,v_proj,down_proj]]"
+
+
+def with_adalora_ranks(model):
+    """AdaLoRA's scale divides by ``ranknum``, which the allocator lowers: give it a value of its own
+    (3, not r = 4) and mask one triplet, as a trained AdaLoRA has."""
+    from peftlab.methods.adalora import AdaLoraLinear
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, AdaLoraLinear):
+                module.ranknum.fill_(3.0)
+                module.lora_E[0].zero_()
+    return model
+
+
+@pytest.mark.parametrize("spec", [ADALORA, KRONA], ids=["adalora", "krona"])
+def test_adalora_and_krona_at_weight_one_give_them_back(spec, ids):
+    model = with_adalora_ranks(with_adapters(spec))
+    alone = outputs(model, ids, "a0")
+    result = combine(model, ["a0"], [1.0])
+    torch.testing.assert_close(outputs(model, ids, "combined"), alone, rtol=0, atol=1e-5)
+    assert result.max_energy_dropped == pytest.approx(0.0, abs=1e-9)
+    if spec == ADALORA:  # 4 triplets, one masked: the update has rank 3
+        assert set(result.ranks.values()) == {3}
+
+
+def test_linear_over_adalora_krona_and_lora_equals_them_all_active(ids):
+    model = with_adalora_ranks(with_adapters(ADALORA, KRONA, f"lora[r=2,alpha=3,{TARGETS}]"))
+    everything = outputs(model, ids, "a0", "a1", "a2")
+    combine(model, ["a0", "a1", "a2"])
+    torch.testing.assert_close(outputs(model, ids, "combined"), everything, rtol=0, atol=1e-5)
+
+
+def test_svd_below_full_rank_is_the_truncated_svd_of_the_dense_sum():
+    from peftlab.compose.combining import updates_of
+
+    model = with_adapters(f"lora[r=4,{TARGETS}]", f"lora[r=3,alpha=5,{TARGETS}]")
+    parts = [updates_of(model, f"a{i}") for i in range(2)]
+    result = combine(model, ["a0", "a1"], [0.8, -1.2], method="svd", rank=2)
+    made = updates_of(model, "combined")
+    for layer, update in made.items():
+        dense = 0.8 * parts[0][layer].dense() - 1.2 * parts[1][layer].dense()
+        U, S, Vh = torch.linalg.svd(dense.double())
+        best = (U[:, :2] * S[:2]) @ Vh[:2]
+        torch.testing.assert_close(update.dense().double(), best, rtol=0, atol=1e-5)
+        assert result.energy_dropped[layer] == pytest.approx(float((S[2:] ** 2).sum() / (S ** 2).sum()), rel=1e-4)
+
+
 def test_linear_is_the_weighted_sum_of_the_updates_and_negation_gives_the_base(ids):
     from peftlab.compose.combining import updates_of
 
@@ -124,6 +174,11 @@ def test_the_result_is_a_plain_lora_that_peft_loads_with_the_same_logits(tmp_pat
     (dict(adapters=["a0"], method="cat", rank=2), "cat keeps every factor"),
     (dict(adapters=["a0"], name="a1"), "already has an adapter named 'a1'"),
     (dict(adapters=["a2"]), "has no weight update to combine"),
+    (dict(adapters=["a0"], space="weights"), "unknown space 'weights'"),
+    (dict(adapters=["a0"], method="ties_svd", density=0.5), "HF PEFT combination type"),
+    (dict(adapters=["a0", "a1"], space="factor", rank=2), "only the svd types take a rank"),
+    (dict(adapters=["a0", "a1"], space="factor", method="dare_ties"), "give density"),
+    (dict(adapters=["a0", "a2"], space="factor"), "combines plain LoRA factors"),
 ])
 def test_bad_combinations_are_clear_errors(kwargs, message):
     model = with_adapters(f"lora[r=2,{TARGETS}]", f"lora[r=2,{TARGETS}]", "houlsby")
@@ -165,7 +220,75 @@ def test_peftlab_combine_writes_a_lora_from_adapter_folders(tmp_path, capsys, fa
     report = json.loads((tmp_path / "ties" / "combine.json").read_text())
     assert report["method"] == "ties" and report["weights"] == [1.0, 1.0] and report["ranks"]
     assert json.loads((tmp_path / "ties" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert cli.main(["combine", folders[0], folders[0], "--weights", "1,-1", "--space", "factor", "--method", "cat",
+                     "--out", str(tmp_path / "factor")]) == 0
+    torch.testing.assert_close(applied(tmp_path / "factor"), logits(tiny_llama(vocab), ids), rtol=0, atol=1e-5)
+    assert json.loads((tmp_path / "factor" / "combine.json").read_text())["space"] == "factor"
+    capsys.readouterr()
+    assert cli.main(["combine", *folders, "--space", "factor", "--out", str(tmp_path / "bad")]) == 2
+    assert "combines plain LoRA factors" in capsys.readouterr().err
     assert cli.main(["combine", *folders, "--weights", "1,x", "--out", str(tmp_path / "bad")]) == 2
     assert "--weights takes comma-separated numbers" in capsys.readouterr().err
     assert cli.main(["combine", *folders, "--method", "ties", "--out", str(tmp_path / "bad")]) == 2
     assert "give density" in capsys.readouterr().err
+
+
+# ---- space="factor": HF PEFT's add_weighted_adapter, twin-tested against peft itself -------------
+
+HF_TYPES = ["svd", "linear", "cat", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd",
+            "magnitude_prune", "magnitude_prune_svd"]
+
+
+@pytest.fixture(scope="module")
+def twins(tmp_path_factory):
+    """The same three random plain LoRAs (alpha != r, one rsLoRA, one on other layers) in peftlab
+    and, through HF-format files, in peft."""
+    folder = tmp_path_factory.mktemp("twins")
+    ours = with_adapters(f"lora[r=4,alpha=8,{TARGETS}]", f"lora[r=4,alpha=6,rslora=true,{TARGETS}]",
+                         "lora[r=4,alpha=2,targets=[q_proj,k_proj,up_proj]]", seed=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = None
+        for i in range(3):
+            path = str(peftlab.save(ours, folder / f"a{i}", name=f"a{i}"))
+            if theirs is None:
+                theirs = peft.PeftModel.from_pretrained(make_llama(), path, adapter_name="a0").eval()
+            else:
+                theirs.load_adapter(path, adapter_name=f"a{i}")
+    return ours, theirs
+
+
+@pytest.mark.parametrize("kind", HF_TYPES)
+def test_factor_space_reproduces_hf_peft_add_weighted_adapter(kind, twins, ids, monkeypatch):
+    from peft.tuners.lora import model as hf_lora
+
+    ours, theirs = twins
+    weights, seed = [1.0, -0.7, 0.5], 11
+    density = 0.6 if kind in ("ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd",
+                              "magnitude_prune", "magnitude_prune_svd") else None
+    rank = 6 if kind.endswith("svd") else None
+    freeze = hf_lora._freeze_adapter
+    # HF draws DARE's masks from the global RNG after initializing the new adapter: seed it there
+    monkeypatch.setattr(hf_lora, "_freeze_adapter", lambda model, name: (freeze(model, name), torch.manual_seed(seed)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs.add_weighted_adapter(["a0", "a1", "a2"], weights, f"hf_{kind}", combination_type=kind,
+                                    density=density, svd_rank=rank)
+    result = combine(ours, ["a0", "a1", "a2"], weights, method=kind, density=density, rank=rank, seed=seed,
+                     name=f"f_{kind}", space="factor")
+    hf_layers = {n.removeprefix("base_model.model."): m for n, m in theirs.named_modules()
+                 if hasattr(m, "lora_A") and f"hf_{kind}" in m.lora_A}
+    assert sorted(hf_layers) == sorted(result.ranks)
+    for module_name, layer in hf_layers.items():
+        made = ours.get_submodule(module_name).adapters[f"f_{kind}"]
+        A, B = layer.lora_A[f"hf_{kind}"].weight, layer.lora_B[f"hf_{kind}"].weight
+        assert layer.scaling[f"hf_{kind}"] == 1.0 and made.scaling == 1.0
+        if kind in ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune"):  # the factors themselves
+            torch.testing.assert_close(made.lora_A.weight, A, rtol=0, atol=1e-5)
+            torch.testing.assert_close(made.lora_B.weight, B, rtol=0, atol=1e-5)
+        else:  # cat pads, svd's singular vectors have signs: compare the products
+            torch.testing.assert_close(made.lora_B.weight @ made.lora_A.weight, B @ A, rtol=0, atol=1e-5)
+    theirs.set_adapter(f"hf_{kind}")
+    torch.testing.assert_close(outputs(ours, ids, f"f_{kind}"), logits(theirs, ids), rtol=0, atol=1e-5)
+    if kind.endswith("svd"):
+        assert set(result.ranks.values()) == {6} and 0 < result.max_energy_dropped < 1

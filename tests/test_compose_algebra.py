@@ -57,6 +57,15 @@ def test_compress_drops_the_directions_a_rank_deficient_sum_does_not_have():
     close(twice.dense(), 2 * u.dense())
 
 
+def test_a_float32_update_factorizes_at_its_numerical_rank():
+    """fp32 rounding leaves singular values near 1e-7 of the largest where the true ones are 0;
+    the rank test's threshold follows the dtype, so a rank-3 update stays rank 3."""
+    dense = update(out=64, inp=48, r=3).dense().float()
+    low, dropped = algebra.factorize(dense)
+    assert low.rank == 3 and dropped < 1e-10
+    torch.testing.assert_close(low.dense(), dense, rtol=0, atol=1e-5)
+
+
 def test_ties_at_full_density_over_agreeing_updates_is_their_mean():
     a = torch.rand(6, 5, dtype=torch.float64) + 0.1
     b = torch.rand(6, 5, dtype=torch.float64) + 0.1

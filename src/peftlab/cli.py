@@ -164,9 +164,25 @@ def build_parser() -> argparse.ArgumentParser:
     combined.add_argument("--density", type=float, help="ties / dare / magnitude_prune: share of each update kept")
     combined.add_argument("--rank", type=int, help="rank of the result (default: exact; svd: the largest input rank)")
     combined.add_argument("--seed", type=int, default=0, help="DARE's random drop (default: 0)")
+    combined.add_argument("--space", default="update", choices=["update", "factor"],
+                          help="update (default): combine the true weight updates; factor: HF PEFT's add_weighted_adapter "
+                          "numbers on plain LoRAs (methods also ties_svd, dare_linear_svd, dare_ties_svd, magnitude_prune_svd)")
     combined.add_argument("--out", required=True, metavar="DIR", help="folder for the combined adapter")
     combined.add_argument("--model", help="base model (default: the one the adapters name)")
     combined.set_defaults(func=cmd_combine)
+
+    extract = commands.add_parser(
+        "extract-lora", help="a LoRA from a fully fine-tuned model (truncated SVD of the weight difference)",
+        description="For each linear layer whose weight differs between --model and --base, keep the best rank <= --max-rank "
+                    "approximation of the difference (exact SVD) and save it as a plain Hugging Face PEFT LoRA, with the "
+                    "share of each layer's update energy kept in extract.json.")
+    extract.add_argument("--model", required=True, help="the fully fine-tuned model (built-in name, folder or hub name)")
+    extract.add_argument("--base", required=True, help="the base it was fine-tuned from")
+    extract.add_argument("--max-rank", type=int, default=64, help="largest rank per layer (default: 64)")
+    extract.add_argument("--targets", help="comma-separated module names or suffixes to extract (default: every linear layer)")
+    extract.add_argument("--min-energy", type=float, help="per layer, the fewest directions keeping this share of the energy")
+    extract.add_argument("--out", required=True, metavar="DIR", help="folder for the LoRA")
+    extract.set_defaults(func=cmd_extract_lora)
 
     methods = commands.add_parser("methods", help="list the adapter methods peftlab knows",
                                   description="Every registered method: name, category, paper, whether it merges, and its "
@@ -191,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(commands)
     from .serve import add_parsers as add_serve_parsers
     add_serve_parsers(commands)
+    from .compose.lorahub import add_parser as add_lorahub_parser
+    add_lorahub_parser(commands)
     return parser
 
 
@@ -877,16 +895,25 @@ def cmd_combine(args) -> int:
     names = [f"input{i}" for i in range(len(folders))]
     for folder, name in zip(folders, names):
         peftlab.load(model, folder, name=name)
-    result = combine(model, names, weights, method=args.method, density=args.density, rank=args.rank, seed=args.seed)
+    result = combine(model, names, weights, method=args.method, density=args.density, rank=args.rank, seed=args.seed,
+                     space=args.space)
     adapter = peftlab.save(model, out, name=result.name)
     ranks = sorted(set(result.ranks.values()))
     report = {"method": args.method, "inputs": [str(f) for f in folders], "weights": weights, "density": args.density,
-              "rank": args.rank, "seed": args.seed, "ranks": result.ranks, "energy_dropped": result.energy_dropped}
+              "rank": args.rank, "seed": args.seed, "space": args.space, "ranks": result.ranks, "energy_dropped": result.energy_dropped}
     write_json(out / "combine.json", report)
     say(f"{args.method} of {len(folders)} adapters: {len(result.ranks)} layers, rank "
         f"{ranks[0] if len(ranks) == 1 else f'{ranks[0]}-{ranks[-1]}'}, at most {100 * result.max_energy_dropped:.2f}% "
         f"of a layer's update energy dropped")
     say(f"saved {adapter} (a plain Hugging Face PEFT LoRA) and {out / 'combine.json'}")
+    return 0
+
+
+def cmd_extract_lora(args) -> int:
+    from .compose.extract import extract_to_folder
+
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
+    extract_to_folder(args.model, args.base, args.out, args.max_rank, targets, args.min_energy, say=say)
     return 0
 
 

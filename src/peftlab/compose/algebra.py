@@ -59,16 +59,19 @@ def linear(updates: list[LowRank], weights: list[float]) -> LowRank:
                    torch.cat([u.A for u in updates], dim=0))
 
 
-def compress(update: LowRank, rank: int | None = None, tolerance: float = 1e-10) -> tuple[LowRank, float]:
-    """``update`` at rank ``rank`` (default: its true rank, directions below ``tolerance`` times the
-    largest singular value dropped), as the best approximation of that rank; and the share of the
-    update's energy dropped. The result's factors share the singular values evenly (``√σ`` each)."""
+def compress(update: LowRank, rank: int | None = None, tolerance: float | None = None) -> tuple[LowRank, float]:
+    """``update`` at rank ``rank`` (default: its numerical rank: directions below ``tolerance`` times
+    the largest singular value dropped, by default the dtype's epsilon times the larger side, the
+    threshold LAPACK-based rank tests use), as the best approximation of that rank; and the share
+    of the update's energy dropped. The result's factors share the singular values evenly (``√σ`` each)."""
     if rank is not None and (not isinstance(rank, int) or rank < 1):
         raise ConfigError(f"rank must be a positive integer, got {rank!r}")
     q_b, r_b = torch.linalg.qr(update.B)
     q_a, r_a = torch.linalg.qr(update.A.T)
     u, s, vh = torch.linalg.svd(r_b @ r_a.T)
     energy = float((s ** 2).sum())
+    if tolerance is None:
+        tolerance = torch.finfo(s.dtype).eps * max(update.shape)
     real = int((s > tolerance * s[0]).sum()) if energy > 0 else 0
     keep = max(1, min(rank, real) if rank is not None else real)  # a file needs rank >= 1, even for a zero update
     root = s[:keep].sqrt()
@@ -76,7 +79,7 @@ def compress(update: LowRank, rank: int | None = None, tolerance: float = 1e-10)
     return LowRank(q_b @ (u[:, :keep] * root), (root[:, None] * vh[:keep]) @ q_a.T), dropped
 
 
-def factorize(delta: torch.Tensor, rank: int | None = None, tolerance: float = 1e-10) -> tuple[LowRank, float]:
+def factorize(delta: torch.Tensor, rank: int | None = None, tolerance: float | None = None) -> tuple[LowRank, float]:
     """A dense update as low rank (truncated SVD), with the share of its energy dropped."""
     eye = torch.eye(delta.shape[1], dtype=delta.dtype, device=delta.device)
     return compress(LowRank(delta, eye), rank, tolerance)

@@ -5,7 +5,8 @@ Each input adapter's update at a layer is read through its method's own math: a 
 saved as), the low-rank variants' effective factors, DoRA's effective update
 ``m (W + sBA) / ||W + sBA|| - W`` (not low-rank), (IA)^3's rescaled rows or columns of ``W``
 (where the layer has no bias for it to rescale), and ``delta_weight()`` of the other
-weight-update methods (AdaLoRA, KronA, ...). The combination (``algebra.py``) runs layer by layer,
+weight-update methods (KronA, ...); AdaLoRA's ``P diag(λ) Q`` with its own ``alpha / ranknum`` is
+read as the low-rank product it is, its masked triplets left out. The combination (``algebra.py``) runs layer by layer,
 and the result is attached as a plain LoRA whose scale is 1 (``alpha = r`` per layer, through
 ``rank_pattern`` / ``alpha_pattern``), so it saves as an ordinary HF PEFT LoRA that
 ``peft.PeftModel.from_pretrained`` (and vLLM) load. Nothing is inherited from the first input:
@@ -23,6 +24,10 @@ Methods (``weights`` default to 1 each):
 Wherever a rank is imposed, ``Combined.energy_dropped`` holds the share of each layer's update
 energy that the truncation dropped. A layer some inputs do not adapt counts as a zero update for
 them.
+
+``space="factor"`` instead reproduces HF PEFT's ``add_weighted_adapter`` numbers on plain LoRA
+adapters, for every combination type it has (``factor_space.py``: its ``linear`` and pruning types
+combine the A and B factors separately; its ``_svd`` types take a full SVD of the dense result).
 """
 from __future__ import annotations
 
@@ -32,12 +37,13 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from . import algebra
+from . import algebra, factor_space
 from .algebra import LowRank
 
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 PRUNING = {"ties": algebra.ties, "dare_linear": algebra.dare_linear, "dare_ties": algebra.dare_ties,
            "magnitude_prune": algebra.magnitude_prune}
+SPACES = ("update", "factor")
 
 
 @dataclass
@@ -56,28 +62,29 @@ class Combined:
 
 
 def combine(model: nn.Module, adapters: list[str], weights: list[float] | None = None, method: str = "linear",
-            density: float | None = None, rank: int | None = None, seed: int = 0, name: str = "combined") -> Combined:
+            density: float | None = None, rank: int | None = None, seed: int = 0, name: str = "combined",
+            space: str = "update") -> Combined:
     """Combine the adapters named ``adapters`` (attached to ``model``) into a new plain LoRA adapter
-    ``name`` on the same model, made active. See the module docstring for the methods."""
+    ``name`` on the same model, made active. See the module docstring for the methods and spaces."""
+    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
+    check_arguments(model, adapters, weights, method, density, rank, name, space)
+    if space == "factor":
+        factors, dropped = factor_space.combine_factors(model, adapters, weights, method, density, rank, seed)
+    else:
+        factors, dropped = combine_updates(model, adapters, weights, method, density, rank, seed)
+    result = Combined(name, method, energy_dropped=dropped)
+    result.ranks = attach_lowrank(model, factors, name)
+    return result
+
+
+def attach_lowrank(model: nn.Module, factors: dict, name: str) -> dict:
+    """Attach ``factors`` (module name -> ``LowRank``) to ``model`` as a plain LoRA ``name`` whose
+    scale is 1 at every layer (``alpha = r`` through ``rank_pattern`` / ``alpha_pattern``), made
+    active and frozen; it saves as an ordinary HF PEFT LoRA. Returns the rank per layer."""
     import peftlab
     from ..methods.lora import LoraConfig
 
-    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
-    check_arguments(model, adapters, weights, method, density, rank, name)
-    layers = {}  # module name -> [update of each input, or None]
-    for i, adapter_name in enumerate(adapters):
-        for module_name, update in updates_of(model, adapter_name).items():
-            layers.setdefault(module_name, [None] * len(adapters))[i] = update
-    if not layers:
-        raise ConfigError(f"the adapters {adapters} adapt no linear layer; combine merges weight updates")
-    result = Combined(name, method)
-    factors = {}
-    for index, (module_name, updates) in enumerate(sorted(layers.items())):
-        combined, dropped = combine_layer(updates, weights, method, density, rank, seed + index)
-        factors[module_name] = combined
-        result.ranks[module_name] = combined.rank
-        result.energy_dropped[module_name] = dropped
-    ranks = result.ranks
+    ranks = {module_name: update.rank for module_name, update in factors.items()}
     config = LoraConfig(r=max(ranks.values()), alpha=max(ranks.values()), targets=sorted(ranks),
                         rank_pattern=dict(ranks), alpha_pattern={k: float(v) for k, v in ranks.items()})
     peftlab.attach(model, config, name=name)
@@ -88,8 +95,23 @@ def combine(model: nn.Module, adapters: list[str], weights: list[float] | None =
             adapter.lora_B.weight.copy_(update.B)
     peftlab.set_active(model, name)
     for p in (p for n, p in model.named_parameters() if f".{name}." in n):
-        p.requires_grad_(False)  # a combination is a result, not something to train by accident
-    return result
+        p.requires_grad_(False)  # a result, not something to train by accident
+    return ranks
+
+
+def combine_updates(model: nn.Module, adapters: list[str], weights: list[float], method: str, density, rank,
+                    seed: int) -> tuple[dict, dict]:
+    """``space="update"``: each layer's combined update (low rank) and the energy a rank limit dropped."""
+    layers = {}  # module name -> [update of each input, or None]
+    for i, adapter_name in enumerate(adapters):
+        for module_name, update in updates_of(model, adapter_name).items():
+            layers.setdefault(module_name, [None] * len(adapters))[i] = update
+    if not layers:
+        raise ConfigError(f"the adapters {adapters} adapt no linear layer; combine merges weight updates")
+    factors, dropped = {}, {}
+    for index, (module_name, updates) in enumerate(sorted(layers.items())):
+        factors[module_name], dropped[module_name] = combine_layer(updates, weights, method, density, rank, seed + index)
+    return factors, dropped
 
 
 def combine_layer(updates: list, weights: list[float], method: str, density, rank, seed: int) -> tuple[LowRank, float]:
@@ -128,6 +150,7 @@ def updates_of(model: nn.Module, name: str) -> dict:
 
 
 def layer_update(module_name: str, layer: nn.Module, adapter: nn.Module, name: str):
+    from ..methods.adalora import AdaLoraLinear
     from ..methods.dora import DoraLinear, weight_norm
     from ..methods.ia3 import IA3Linear
     from ..methods.lora import LoraLinear, base_weight, scaling
@@ -152,6 +175,10 @@ def layer_update(module_name: str, layer: nn.Module, adapter: nn.Module, name: s
         if type(adapter) is LoraLinear:  # PiSSA comes out as the plain LoRA it is saved as
             tensors, r, alpha = adapter.hf_state()
             return LowRank(tensors["lora_B.weight"] * scaling(alpha, r, adapter.rslora), tensors["lora_A.weight"].clone())
+        if isinstance(adapter, AdaLoraLinear):  # P diag(λ) Q alpha / ranknum, masked triplets (λ = 0) left out
+            kept = adapter.lora_E[:, 0] != 0
+            kept[0] |= not bool(kept.any())  # all masked: a zero update, still rank 1 in a file
+            return LowRank(adapter.lora_B[:, kept] * adapter.scale(), (adapter.lora_A * adapter.lora_E)[kept].clone())
         if hasattr(adapter, "factors"):
             A, B, scale = adapter.factors()
             return LowRank(B * scale, A.clone())
@@ -161,11 +188,18 @@ def layer_update(module_name: str, layer: nn.Module, adapter: nn.Module, name: s
                       "combine takes weight-update methods (LoRA and its variants, DoRA, AdaLoRA, KronA, ...)")
 
 
-def check_arguments(model, adapters, weights, method, density, rank, name) -> None:
+def check_arguments(model, adapters, weights, method, density, rank, name, space="update") -> None:
     from ..core.state import require_state
 
-    if method not in METHODS:
-        raise ConfigError(f"unknown combination method {method!r}; choose one of {', '.join(METHODS)}")
+    if space not in SPACES:
+        raise ConfigError(f"unknown space {space!r}: 'update' combines the true weight updates, 'factor' reproduces "
+                          "HF PEFT's add_weighted_adapter")
+    methods, pruning = (factor_space.METHODS, factor_space.PRUNING) if space == "factor" else (METHODS, tuple(PRUNING))
+    if space == "update" and method in factor_space.METHODS and method not in METHODS:
+        raise ConfigError(f"{method} is an HF PEFT combination type (space='factor'); in space='update' "
+                          f"{method.removesuffix('_svd')} already prunes the true update, and rank= truncates it")
+    if method not in methods:
+        raise ConfigError(f"unknown combination method {method!r}; choose one of {', '.join(methods)}")
     if not adapters:
         raise ConfigError("nothing to combine: name at least one adapter")
     if len(weights) != len(adapters):
@@ -174,12 +208,18 @@ def check_arguments(model, adapters, weights, method, density, rank, name) -> No
     state.check_known(list(adapters))
     if name in state.configs:
         raise ConfigError(f"the model already has an adapter named {name!r}; choose another name for the result")
-    if method in PRUNING and density is None:
+    if method in pruning and density is None:
         raise ConfigError(f"{method} prunes each update to a share of its entries: give density (e.g. 0.2)")
-    if method not in PRUNING and density is not None:
-        raise ConfigError(f"density applies to {', '.join(PRUNING)}; {method} does not prune")
+    if method not in pruning and density is not None:
+        raise ConfigError(f"density applies to {', '.join(pruning)}; {method} does not prune")
+    if density is not None:
+        algebra._check_density(density)
+    if rank is not None and (not isinstance(rank, int) or rank < 1):
+        raise ConfigError(f"rank must be a positive integer, got {rank!r}")
     if method == "cat" and rank is not None:
         raise ConfigError("cat keeps every factor (rank = the sum of the inputs' ranks); use svd or linear to set a rank")
+    if space == "factor" and rank is not None and method not in factor_space.DENSE:
+        raise ConfigError(f"in space='factor' only the svd types take a rank (HF PEFT's svd_rank); {method} does not")
 
 
 def _dense(update) -> torch.Tensor:

@@ -226,7 +226,7 @@ def hub_updates(model: nn.Module, names: list[str], space: str) -> dict:
                 if space == "factor":
                     raise ConfigError(f"space='factor' sums LoRA factors, but {adapter!r} has a dense update at {module_name} "
                                       "(DoRA, (IA)^3, ...); use space='update'")
-                update = algebra.factorize(update.double())[0]  # exact: float64 SVD, directions below 1e-10 dropped
+                update = algebra.factorize(update.double())[0]  # exact: float64 SVD at its numerical rank
             layers.setdefault(module_name, [None] * len(names))[i] = update
     if not layers:
         raise ConfigError(f"the hub's adapters {names} adapt no linear layer; LoRAHub combines weight updates")
