@@ -35,8 +35,19 @@ def trained(tmp_path, capsys, fake_models):
 
 # ---- help ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("command", [[], ["train"], ["generate"], ["info"], ["merge"], ["methods"], ["combine"],
-                                     ["train-many"]])
+def commands() -> list[str]:
+    import argparse
+
+    sub = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sorted(sub.choices)
+
+
+def test_the_parser_has_the_commands_the_readme_lists():
+    assert {"train", "train-many", "generate", "info", "merge", "combine", "extract-lora", "lorahub", "methods",
+            "bench", "serve", "loadtest"} <= set(commands())
+
+
+@pytest.mark.parametrize("command", [[]] + [[name] for name in commands()])
 def test_help_for_every_command(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(command + ["--help"])
