@@ -255,6 +255,20 @@ def test_info_describes_a_peftlab_format_union(tmp_path, capsys):
     assert "dora settings:" in out and "r=3" in out
 
 
+@pytest.mark.parametrize("spec, alpha", [("ia3[targets=[k_proj,v_proj,down_proj]]", None),
+                                         ("loha[r=2,alpha=4,targets=[k_proj,v_proj,down_proj]]", 4),
+                                         ("lokr[r=2,alpha=4,targets=[k_proj,v_proj,down_proj]]", 4)])
+def test_info_counts_the_modules_of_every_hf_format(spec, alpha, tmp_path, capsys):
+    from conftest import make_llama
+
+    model = peftlab.attach(make_llama(), spec)
+    peftlab.save(model, tmp_path / "adapter")
+    code, out, _ = run(capsys, "info", tmp_path / "adapter", "--json")
+    info = json.loads(out)
+    assert code == 0 and info["peft_type"] != "PEFTLAB" and info["alpha"] == alpha
+    assert info["adapted_modules"] == 6 and info["parameters"] == peftlab.summary(model)["adapters"]["default"]
+
+
 def test_info_errors(tmp_path, capsys):
     code, _, err = run(capsys, "info", tmp_path / "nothing")
     assert code == 2 and err.startswith("error: ") and "does not exist" in err

@@ -18,6 +18,7 @@ import difflib
 import json
 import math
 import random
+import re
 import struct
 import sys
 import time
@@ -737,6 +738,10 @@ def read_adapter_header(adapter) -> tuple[dict, dict]:
     return read_json(folder / CONFIG_NAME), read_safetensors_header(folder / WEIGHTS_NAME)
 
 
+# where an HF PEFT tensor name turns from the module's path into the method's own parameter
+ADAPTER_TENSOR = re.compile(r"\.(?=(?:lora|hada|lokr|ia3)_)")
+
+
 def adapter_info(adapter) -> dict:
     hf, (tensors, metadata) = read_adapter_header(adapter)
     extra = {}
@@ -756,8 +761,8 @@ def adapter_info(adapter) -> dict:
     if hf.get("peft_type") == "PEFTLAB":
         modules = sorted({m for entry in hf.get("methods") or [] for m in entry.get("modules") or []})
     else:
-        modules = sorted({name.rsplit(".lora_", 1)[0].removeprefix("base_model.model.")
-                          for name in tensors if ".lora_" in name})
+        found = (ADAPTER_TENSOR.split(name, 1) for name in tensors if not is_saved_module(name))
+        modules = sorted({parts[0].removeprefix("base_model.model.") for parts in found if len(parts) > 1})
     other_params = sum(math.prod(t["shape"]) for n, t in tensors.items() if is_saved_module(n))
     adapter_params = sum(math.prod(t["shape"]) for n, t in tensors.items() if not is_saved_module(n))
     size = sum(math.prod(t["shape"]) * SAFETENSORS_DTYPE_BYTES.get(t["dtype"], 4) for t in tensors.values())
@@ -768,7 +773,7 @@ def adapter_info(adapter) -> dict:
         method = "|".join(m.get("method", "?") for m in hf.get("methods") or [])
     else:
         method = "dora" if hf.get("use_dora") else str(peft_type).lower()
-    r, alpha = hf.get("r"), hf.get("lora_alpha")
+    r, alpha = hf.get("r"), hf.get("lora_alpha", hf.get("alpha"))  # LoHa and LoKr call it alpha
     scale = None
     if isinstance(r, (int, float)) and isinstance(alpha, (int, float)) and r:
         scale = alpha / (math.sqrt(r) if hf.get("use_rslora") else r)

@@ -124,6 +124,13 @@ def hf_twin(model, method: str, task: Task):
                                   deltaT=config.delta_t, beta1=config.beta1, beta2=config.beta2,
                                   orth_reg_weight=config.orth_reg_weight, total_step=task.total_steps,
                                   target_modules=modules, task_type=task_type)
+    elif method in ("loha", "lokr"):
+        shared = dict(r=config.r, alpha=config.alpha, rank_dropout=config.rank_dropout, module_dropout=config.module_dropout,
+                      rank_pattern=config.rank_pattern, alpha_pattern=config.alpha_pattern, target_modules=modules,
+                      task_type=task_type)
+        twin = peft.LoHaConfig(**shared) if method == "loha" else peft.LoKrConfig(
+            **shared, decompose_both=config.decompose_both, decompose_factor=config.decompose_factor,
+            rank_dropout_scale=config.rank_dropout_scale, init_weights="lycoris" if config.init == "lycoris" else True)
     elif method == "ln_tuning":
         twin = peft.LNTuningConfig(target_modules=modules, task_type=task_type)
     elif method == "prompt":

@@ -35,6 +35,8 @@ METHOD_FILES = (
     "sora",
     "moslora",
     "krona",
+    "loha",
+    "lokr",
     "qalora",
     "diff_pruning",
     "fishmask",
