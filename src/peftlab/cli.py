@@ -208,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_parser(commands)
     from .serve import add_parsers as add_serve_parsers
     add_serve_parsers(commands)
+    from .continual.commands import add_parser as add_continual_parser
+    add_continual_parser(commands)
     from .compose.lorahub import add_parser as add_lorahub_parser
     add_lorahub_parser(commands)
     return parser
