@@ -131,6 +131,16 @@ def hf_twin(model, method: str, task: Task):
         twin = peft.LoHaConfig(**shared) if method == "loha" else peft.LoKrConfig(
             **shared, decompose_both=config.decompose_both, decompose_factor=config.decompose_factor,
             rank_dropout_scale=config.rank_dropout_scale, init_weights="lycoris" if config.init == "lycoris" else True)
+    elif method == "vera":
+        twin = peft.VeraConfig(r=config.r, d_initial=config.d_initial, vera_dropout=config.dropout,
+                               projection_prng_key=config.projection_prng_key, save_projection=config.save_projection,
+                               target_modules=modules, task_type=task_type)
+    elif method == "fourierft":  # peftlab caps a layer's count at its out * in, which PEFT takes as a per-module pattern
+        counts = {m: config.n_for(m, *model.get_submodule(m).weight.shape) for m in modules}
+        twin = peft.FourierFTConfig(n_frequency=config.n_frequency, scaling=config.scaling,
+                                    random_loc_seed=config.random_loc_seed, init_weights=config.init == "zeros",
+                                    n_frequency_pattern={m: n for m, n in counts.items() if n != config.n_frequency},
+                                    target_modules=modules, task_type=task_type)
     elif method == "ln_tuning":
         twin = peft.LNTuningConfig(target_modules=modules, task_type=task_type)
     elif method == "prompt":

@@ -1,6 +1,11 @@
 """What every HF PEFT converter (``hf_*.py``) shares: key prefix, target names, the common fields."""
 from __future__ import annotations
 
+from torch import nn
+
+from ..core.targets import named_base_modules
+from ..errors import AdapterFormatError, IncompatibleBaseError
+
 PREFIX = "base_model.model."  # PEFT's prefix of every tensor key (``base_model.model.<module path>...``)
 PEFT_VERSION = "0.21.2"  # the peft release these files are written for and tested against
 COMMON_FIELDS = {"inference_mode": True, "peft_version": PEFT_VERSION, "revision": None}
@@ -12,3 +17,29 @@ def target_names(wrapped: list, base_modules: dict) -> list:
     leaves = sorted({m.split(".")[-1] for m in wrapped})
     selected = {n for n in base_modules if n.split(".")[-1] in leaves}
     return leaves if selected == set(wrapped) else sorted(wrapped)
+
+
+def linear_modules(model: nn.Module, adapted, source, method: str) -> dict:
+    """The model's base modules by name, after checking that every module a file adapts exists
+    (else the file is for another base) and is an ``nn.Linear`` (what ``method`` adapts)."""
+    modules = dict(named_base_modules(model))
+    missing = [m for m in adapted if m not in modules]
+    if missing:
+        raise IncompatibleBaseError(f"{source} adapts modules this model does not have ({', '.join(missing[:3])}"
+                                    f"{' ...' if len(missing) > 3 else ''}); it was saved for another base model")
+    for module_name in adapted:
+        if not isinstance(modules[module_name], nn.Linear):
+            raise AdapterFormatError(f"{source}: '{module_name}' is a {type(modules[module_name]).__name__}; peftlab's "
+                                     f"{method} adapts nn.Linear layers only")
+    return modules
+
+
+def refuse_base_training(hf: dict, method: str) -> None:
+    """Files that train the base's biases or target GPT-2's transposed Conv1D layers, which
+    ``method`` here does not, are refused rather than read half."""
+    if hf.get("bias", "none") != "none":
+        raise AdapterFormatError(f"adapter_config.json has bias={hf.get('bias')!r}: the adapter trains the base biases, "
+                                 f"which peftlab's {method} does not (only bias='none' files are read)")
+    if hf.get("fan_in_fan_out"):
+        raise AdapterFormatError(f"adapter_config.json has fan_in_fan_out=true (GPT-2 Conv1D layers); peftlab's {method} "
+                                 "adapts nn.Linear layers only")

@@ -24,7 +24,7 @@ from ..core.targets import named_base_modules
 from ..errors import AdapterFormatError, ConfigError, IncompatibleBaseError
 from ..methods.loha import LohaConfig
 from ..methods.lokr import LokrConfig
-from .hf_common import PREFIX, target_names
+from .hf_common import PREFIX, linear_modules, target_names
 
 PEFT_TYPES = ("LOHA", "LOKR")
 METHOD_OF = {"LOHA": "loha", "LOKR": "lokr"}
@@ -146,16 +146,9 @@ def from_hf(model: nn.Module, hf: dict, tensors: dict, name: str, source) -> Non
 
 
 def _check_modules(model: nn.Module, per_module: dict, source) -> None:
-    modules = dict(named_base_modules(model))
-    missing = [m for m in per_module if m not in modules]
-    if missing:
-        raise IncompatibleBaseError(f"{source} adapts modules this model does not have ({', '.join(missing[:3])}"
-                                    f"{' ...' if len(missing) > 3 else ''}); it was saved for another base model")
+    modules = linear_modules(model, per_module, source, "LoHa/LoKr")
     for module_name in per_module:
         module = modules[module_name]
-        if not isinstance(module, nn.Linear):
-            raise AdapterFormatError(f"{source}: '{module_name}' is a {type(module).__name__}; peftlab's LoHa and LoKr "
-                                     "adapt nn.Linear layers only")
         local = per_module[module_name]
         out_features, in_features = module.out_features, module.in_features
         got = _dense_shape(local)

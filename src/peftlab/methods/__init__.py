@@ -37,6 +37,8 @@ METHOD_FILES = (
     "krona",
     "loha",
     "lokr",
+    "vera",
+    "fourierft",
     "qalora",
     "diff_pruning",
     "fishmask",
