@@ -68,6 +68,16 @@ def test_each_job_trains_the_adapter_it_would_train_alone():
         "base_layer.", "") in before), "the base stays frozen"
 
 
+def test_a_loraplus_job_keeps_its_ratio_in_the_fused_step():
+    """The schedule sets each group's lr times its LoRA+ scale, as train() does, not one lr for all."""
+    changed = jobs(a={"loraplus_lr_ratio": 8.0})
+    model = make_llama()
+    train_many(model, changed, progress=False)
+    assert_same(adapter_of(model, "a"), alone(changed[0]))
+    assert not torch.allclose(adapter_of(model, "a")[next(k for k in adapter_of(model, "a") if "lora_B" in k)],
+                              alone(jobs()[0])[next(k for k in adapter_of(model, "a") if "lora_B" in k)], atol=1e-4)
+
+
 def test_queued_jobs_join_when_a_slot_frees_and_still_match():
     model = make_llama()
     outcomes = train_many(model, jobs(), max_jobs=2, progress=False)

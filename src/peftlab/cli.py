@@ -83,6 +83,7 @@ TRAIN_OPTIONS = [
     ("optimizer", str, "adamw", "adamw, or mezo: forward passes only, no gradients or optimizer state (wants a much "
                                 "smaller --lr, e.g. 1e-4 for LoRA, and many more steps)"),
     ("mezo_eps", float, 1e-3, "MeZO's perturbation scale"),
+    ("loraplus_lr_ratio", float, None, "LoRA+: lora_B (and 1-D parameters) learn at this multiple of --lr, e.g. 16"),
     ("group_by_length", bool, False, "batch rows of similar length together: much less padding when lengths vary"),
     ("eval_batch_size", int, 64, "rows per generation batch when evaluating"),
     ("max_new_tokens", int, None, "generation length when evaluating (default: just above the longest reference)"),
@@ -506,7 +507,8 @@ def train_config(o: dict):
         max_grad_norm=o["max_grad_norm"], eval_every=o["eval_every"], seed=o["seed"], out_dir=str(o["out"]),
         save_every=o["save_every"], resume=o["resume"], device=o["device"], chunked_loss=o["chunked_loss"],
         progress=o["progress"], gradient_checkpointing=o["gradient_checkpointing"], optimizer=o["optimizer"],
-        mezo_eps=o["mezo_eps"], group_by_length=o["group_by_length"], strategy=o["strategy"])
+        mezo_eps=o["mezo_eps"], group_by_length=o["group_by_length"], strategy=o["strategy"],
+        loraplus_lr_ratio=o["loraplus_lr_ratio"])
 
 
 def cmd_train_many(args) -> int:

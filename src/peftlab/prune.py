@@ -104,15 +104,18 @@ def shrink(adapter: nn.Module, kept: torch.Tensor) -> None:
         adapter.lora_embedding_A = nn.Parameter(new_A, requires_grad=A.requires_grad)
         adapter.lora_embedding_B = nn.Parameter(new_B, requires_grad=B.requires_grad)
     else:
+        bias = adapter.lora_B.bias  # lora_bias: the output-side bias does not depend on the rank
         adapter.lora_A = _linear_from(new_A, A.requires_grad)
-        adapter.lora_B = _linear_from(new_B, B.requires_grad)
+        adapter.lora_B = _linear_from(new_B, B.requires_grad, bias)
     adapter.r = len(kept)
     adapter.alpha = alpha_for_scale(adapter.scaling, adapter.r, adapter.rslora)
 
 
-def _linear_from(weight: torch.Tensor, requires_grad: bool) -> nn.Linear:
+def _linear_from(weight: torch.Tensor, requires_grad: bool, bias: nn.Parameter | None = None) -> nn.Linear:
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device=weight.device, dtype=weight.dtype)
     linear.weight = nn.Parameter(weight, requires_grad=requires_grad)
+    if bias is not None:
+        linear.bias = bias
     return linear
 
 

@@ -174,6 +174,9 @@ def layer_update(module_name: str, layer: nn.Module, adapter: nn.Module, name: s
             return scale[:, None] * W
         if type(adapter) is LoraLinear:  # PiSSA comes out as the plain LoRA it is saved as
             tensors, r, alpha = adapter.hf_state()
+            if "lora_B.bias" in tensors:
+                raise ConfigError(f"adapter {name!r} has a lora_B bias (lora_bias=true) at {module_name}, which a plain LoRA "
+                                  "cannot carry; merge it into the base (peftlab merge) instead of combining it")
             return LowRank(tensors["lora_B.weight"] * scaling(alpha, r, adapter.rslora), tensors["lora_A.weight"].clone())
         if isinstance(adapter, AdaLoraLinear):  # P diag(λ) Q alpha / ranknum, masked triplets (λ = 0) left out
             kept = adapter.lora_E[:, 0] != 0

@@ -144,6 +144,9 @@ def lora_factors(module_name: str, layer: nn.Module, name: str) -> Factors:
                           f"adapter {name!r} is {type(adapter).__name__} at {module_name}; use space='update'")
     with torch.no_grad():
         tensors, r, alpha = adapter.hf_state()  # PiSSA as the plain LoRA it is saved as
+        if "lora_B.bias" in tensors:
+            raise ConfigError(f"adapter {name!r} has a lora_B bias (lora_bias=true) at {module_name}; add_weighted_adapter's "
+                              "factor sums have no place for it: merge it into the base instead")
         return Factors(tensors["lora_A.weight"].clone(), tensors["lora_B.weight"].clone(), scaling(alpha, r, adapter.rslora))
 
 

@@ -138,7 +138,7 @@ def fused_step(model: nn.Module, running: list[_Running]) -> int:
     from .. import routing
     from ..train.checkpoint import checkpoint_folder, save_checkpoint
     from ..train.checkpointing import gradient_checkpointing
-    from ..train.loop import clip_gradients, count_tokens, due, lr_at
+    from ..train.loop import clip_gradients, count_tokens, due, lr_at, set_learning_rate
     from ..train.loss import group_losses
 
     started = time.perf_counter()
@@ -166,8 +166,7 @@ def fused_step(model: nn.Module, running: list[_Running]) -> int:
             entry.error = stop_message(entry, "gradient norm", norm)
             continue
         lr = lr_at(step, cfg)
-        for group in entry.optimizer.param_groups:
-            group["lr"] = lr
+        set_learning_rate(entry.optimizer, lr)  # LoRA+ groups keep their ratio
         entry.optimizer.step()
         entry.optimizer.zero_grad(set_to_none=True)
         entry.run.record(loss.item(), lr, count_tokens(job_batch), seconds, cfg.batch_size)

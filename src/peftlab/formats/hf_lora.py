@@ -1,8 +1,10 @@
 """Hugging Face PEFT's LoRA format (``peft_type: LORA``, with or without DoRA), read and written exactly.
 
 ``adapter_config.json`` is a ``LoraConfig`` as PEFT writes it; ``adapter_model.safetensors`` has
-keys ``base_model.model.<module path>.lora_A.weight``, ``lora_B.weight``, ``lora_magnitude_vector``
-(DoRA) and ``lora_embedding_A/B`` (embeddings). Such folders load in ``peft``
+keys ``base_model.model.<module path>.lora_A.weight``, ``lora_B.weight``, ``lora_B.bias``
+(``lora_bias: true``), ``lora_magnitude_vector`` (DoRA) and ``lora_embedding_A/B`` (embeddings).
+PiSSA and OLoRA adapters are written as the plain LoRA of rank 2r on the original base that PEFT
+writes with ``path_initial_model_for_weight_conversion`` (``init_lora_weights: true``). Such folders load in ``peft``
 (``PeftModel.from_pretrained``) and vLLM, and theirs load here. ``io.py`` does the files, the
 base-model fingerprint and ``modules_to_save``.
 """
@@ -18,11 +20,11 @@ from ..core.state import require_state
 from ..core.targets import named_base_modules
 from ..errors import AdapterFormatError, IncompatibleBaseError
 from ..methods.dora import DoraConfig
-from ..methods.lora import LoraConfig, base_weight
+from ..methods.lora import LoraConfig, base_weight, replicate_layers
 from .hf_common import PREFIX, target_names
 
 PEFT_TYPES = ("LORA",)
-ADAPTER_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B")
+ADAPTER_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B")
 
 
 # ---- save ------------------------------------------------------------------------------------
@@ -58,7 +60,9 @@ def to_hf(model: nn.Module, name: str, config: LoraConfig) -> tuple[dict, dict]:
         "fan_in_fan_out": any(type(m).__name__ == "Conv1D" for m in modules.values()),
         "modules_to_save": list(config.modules_to_save) or None,
         "bias": "none",
+        "lora_bias": bool(getattr(config, "lora_bias", False)),
         "layers_to_transform": None,
+        "layer_replication": getattr(config, "layer_replication", None),
         "layers_pattern": None,
         "exclude_modules": None,
     }
@@ -87,6 +91,8 @@ def config_from_hf(hf: dict, modules: list) -> LoraConfig:
             rank_pattern=dict(hf.get("rank_pattern") or {}),
             alpha_pattern=dict(hf.get("alpha_pattern") or {}),
             modules_to_save=list(hf.get("modules_to_save") or []),
+            lora_bias=hf.get("lora_bias") or False,
+            layer_replication=hf.get("layer_replication") or None,
         )
         config.validate()
     except (TypeError, ValueError) as error:
@@ -115,6 +121,8 @@ def from_hf(model: nn.Module, hf: dict, tensors: dict, name: str, source) -> Non
     if not per_module:
         raise AdapterFormatError(f"{source}: the weights file holds no LoRA tensors")
     config = config_from_hf(hf, list(per_module))
+    if config.layer_replication is not None:  # the saved module paths are those of the replicated layers
+        replicate_layers(model, config.layer_replication)
     _check_shapes(model, per_module, source)
     # PEFT writes every head name it might use for the task (["classifier", "score"] for SEQ_CLS,
     # whatever the model has); keep those this model has.

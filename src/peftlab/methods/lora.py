@@ -12,11 +12,25 @@ Variants here:
   vectors and values of ``W`` and the residual ``W - s B A`` stays in the base, so training
   moves the principal directions first. Saved adapters are converted to plain LoRA of rank 2r
   that applies to the original base (``B' A' = B A - B0 A0``), as HF PEFT does.
+- OLoRA (Büyükakyüz, 2024, arXiv:2406.01775): ``W = QR``; ``B`` starts at the first r columns of
+  ``Q`` (orthonormal), ``A`` at the first r rows of ``R`` (upper triangular) and the base keeps
+  ``W - s B A``, so the model is unchanged at init. As in HF PEFT's ``olora_init`` the factors are
+  not divided by the scale ``s`` (so ``s B A`` is ``s Q_r R_r``; with the default alpha = 2r, s = 2).
+  Saved exactly like PiSSA: a plain LoRA of rank 2r on the original base (what PEFT writes with
+  ``path_initial_model_for_weight_conversion``).
+- ``lora_bias`` (HF PEFT's option): ``lora_B`` gets a trainable bias ``b`` (zero at init); the
+  update is ``s (B A x + b)`` as in PEFT, merging adds ``s b`` to the base bias (a base without a
+  bias cannot merge it). Only with init default/gaussian and on linear layers, as in PEFT.
 - LoftQ (Li et al., 2023, arXiv:2310.08659): on a base quantized with
   ``peftlab.quantize(model, "nf4", loftq_rank=r)``, ``s B A`` starts at the rank-r correction LoftQ
   chose together with the quantized weights (``quant/loftq.py``), so quantized base + LoRA starts
   near the full-precision model instead of at the quantized one.
 - per-module ranks and alphas through ``rank_pattern`` / ``alpha_pattern``.
+- ``layer_replication`` (HF PEFT's option, as in its ``replicate_layers``): ``[[0, 4], [2, 5]]``
+  rebuilds the decoder's layers as ``0 1 2 3 2 3 4``, every copy sharing the base weights of the layer
+  it copies and getting its own LoRA, so a deeper model is fine-tuned for the parameters of a LoRA.
+  The model stays replicated after the adapter is deleted (as in PEFT); merging is refused, since
+  the copies share one base weight.
 
 On a quantized base (``peftlab.quant``) merging dequantizes, adds and requantizes (see
 ``base_weight`` / ``set_base_weight``, which every method's merge goes through).
@@ -27,6 +41,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -36,21 +51,24 @@ from torch import nn
 
 from ..core.config import MethodConfig
 from ..core.targets import is_linear
-from ..errors import ConfigError, TargetError
+from ..errors import ConfigError, StateError, TargetError
 from ..quant.layers import is_quantized
 
 CATEGORY = "reparameterized"
 PAPER = "Hu et al., 2022 (arXiv:2106.09685)"
 MERGEABLE = True
-INVALID_SETTINGS = ("r=0", "alpha=-1", "dropout=1.5", "init=svd")
-INITS = ("default", "gaussian", "pissa", "loftq")
+INVALID_SETTINGS = ("r=0", "alpha=-1", "dropout=1.5", "init=svd", "lora_bias=maybe", "lora_bias=true,init=pissa")
+INITS = ("default", "gaussian", "pissa", "olora", "loftq")
+BASE_INITS = ("pissa", "olora")  # inits that move part of W into the adapter (saved as plain LoRA of rank 2r)
 
 
 @dataclass
 class LoraConfig(MethodConfig):
     """r: rank; alpha: scale numerator; dropout on the adapter input; rslora: alpha/sqrt(r);
-    init: default (B = 0), gaussian, pissa, or loftq (on a LoftQ-quantized base); rank_pattern /
-    alpha_pattern: per-module overrides keyed by a module-name suffix or regex, e.g. ``{"mlp.down_proj": 4}``."""
+    init: default (B = 0), gaussian, pissa, olora, or loftq (on a LoftQ-quantized base); rank_pattern /
+    alpha_pattern: per-module overrides keyed by a module-name suffix or regex, e.g. ``{"mlp.down_proj": 4}``;
+    lora_bias: a trainable bias on lora_B (HF PEFT's ``lora_bias``); layer_replication: ``[start, end)``
+    ranges of decoder layers to rebuild the model from, copies sharing base weights (HF PEFT's option)."""
 
     method: ClassVar[str] = "lora"
     r: int = 8
@@ -60,6 +78,8 @@ class LoraConfig(MethodConfig):
     init: str = "default"
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
+    lora_bias: bool = False
+    layer_replication: list | None = None
 
     def validate(self) -> None:
         super().validate()
@@ -80,6 +100,29 @@ class LoraConfig(MethodConfig):
             raise ConfigError(f"{self.method}: rslora must be true or false, got {self.rslora!r}")
         if self.init not in INITS:
             raise ConfigError(f"{self.method}: init must be one of {', '.join(INITS)}, got {self.init!r}")
+        if not isinstance(self.lora_bias, bool):
+            raise ConfigError(f"{self.method}: lora_bias must be true or false, got {self.lora_bias!r}")
+        if self.method != "lora":  # the variants' updates are not LoRA's plain s B A (PEFT refuses them with DoRA too)
+            if self.init == "olora":
+                raise ConfigError(f"{self.method}: init=olora is supported by lora only; use init=default or gaussian")
+            if self.lora_bias:
+                raise ConfigError(f"{self.method}: lora_bias=true is supported by lora only")
+        if self.layer_replication is not None:
+            ranges = self.layer_replication
+            if not (isinstance(ranges, (list, tuple)) and ranges and all(
+                    isinstance(pair, (list, tuple)) and len(pair) == 2
+                    and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in pair) and pair[0] < pair[1]
+                    for pair in ranges)):
+                raise ConfigError(f"{self.method}: layer_replication must be a list of [start, end) layer ranges with "
+                                  f"0 <= start < end, e.g. [[0,4],[2,5]]; got {ranges!r}")
+            if self.method != "lora":
+                raise ConfigError(f"{self.method}: layer_replication is supported by lora only")
+            if self.init in (*BASE_INITS, "loftq"):
+                raise ConfigError(f"{self.method}: layer_replication shares each base weight between layer copies, which "
+                                  f"init={self.init} would rewrite once per copy; use init=default or gaussian")
+        if self.lora_bias and self.init not in ("default", "gaussian"):
+            raise ConfigError(f"{self.method}: lora_bias=true works with init=default or gaussian only (as in HF PEFT), "
+                              f"got init={self.init}")
 
     def rank_for(self, module_name: str) -> int:
         return _pattern_value(self.rank_pattern, module_name, self.r)
@@ -128,6 +171,16 @@ def pissa_factors(weight: torch.Tensor, r: int, scale: float):
     A = root[:, None] * Vh[:r]
     B = U[:, :r] * root[None, :]
     return A.to(weight.dtype), B.to(weight.dtype)
+
+
+def olora_factors(weight: torch.Tensor, r: int):
+    """OLoRA's ``(A, B) = (R[:r], Q[:, :r])`` from the reduced QR of the (out x in) weight, as HF PEFT
+    computes them (in float32, not divided by the scale)."""
+    if r > min(weight.shape):
+        raise ConfigError(f"lora: init=olora takes the first r columns of Q in W = QR, but r={r} exceeds the smaller side "
+                          f"of a {weight.shape[0]}x{weight.shape[1]} weight; use r <= {min(weight.shape)}")
+    Q, R = torch.linalg.qr(weight.float())
+    return R[:r].contiguous().to(weight.dtype), Q[:, :r].contiguous().to(weight.dtype)
 
 
 class _FusedLoraLinear(torch.autograd.Function):
@@ -189,9 +242,10 @@ class MergesDelta:
 class LoraLinear(MergesDelta, nn.Module):
     """LoRA for ``nn.Linear`` and ``Conv1D``: returns ``s * B A dropout(x)``."""
 
-    alters_base = False  # True for PiSSA, whose init moves part of W into the adapter
+    alters_base = False  # True for PiSSA and OLoRA, whose init moves part of W into the adapter
 
-    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False, init: str = "default"):
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False, init: str = "default",
+                 lora_bias: bool = False):
         super().__init__()
         self.transposed = not isinstance(base, nn.Linear)  # Conv1D stores (in x out)
         out_features, in_features = base_weight(base).shape
@@ -200,7 +254,10 @@ class LoraLinear(MergesDelta, nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         dtype = base.weight.dtype if base.weight.dtype.is_floating_point else torch.float32
         self.lora_A = nn.Linear(in_features, r, bias=False, device=base.weight.device, dtype=dtype)
-        self.lora_B = nn.Linear(r, out_features, bias=False, device=base.weight.device, dtype=dtype)
+        self.lora_B = nn.Linear(r, out_features, bias=lora_bias, device=base.weight.device, dtype=dtype)
+        if lora_bias and getattr(base, "bias", None) is None:
+            warnings.warn("lora: lora_bias=true on a layer without a bias: the adapter works, but cannot be merged",
+                          stacklevel=2)
         self.init = init
         with torch.no_grad():
             if init == "gaussian":
@@ -208,16 +265,19 @@ class LoraLinear(MergesDelta, nn.Module):
             else:
                 nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
             nn.init.zeros_(self.lora_B.weight)
+            if lora_bias:
+                nn.init.zeros_(self.lora_B.bias)
             if init == "loftq":
                 A, B = loftq_factors(base, r, self.scaling)
                 self.lora_A.weight.copy_(A)
                 self.lora_B.weight.copy_(B)
-            if init == "pissa":
+            if init in BASE_INITS:
                 if is_quantized(base):
-                    raise ConfigError("lora: init=pissa rewrites the base weight in full precision (W - s B A), which a quantized "
+                    raise ConfigError(f"lora: init={init} rewrites the base weight in full precision (W - s B A), which a quantized "
                                       "base cannot hold without requantizing it; use init=loftq on a base quantized with "
-                                      "peftlab.quantize(model, 'nf4', loftq_rank=r), or PiSSA on a full-precision model")
-                A, B = pissa_factors(base_weight(base), r, self.scaling)
+                                      f"peftlab.quantize(model, 'nf4', loftq_rank=r), or init={init} on a full-precision model")
+                W = base_weight(base)
+                A, B = pissa_factors(W, r, self.scaling) if init == "pissa" else olora_factors(W, r)
                 self.lora_A.weight.copy_(A)
                 self.lora_B.weight.copy_(B)
                 self.register_buffer("pissa_A0", A.clone(), persistent=False)
@@ -226,32 +286,66 @@ class LoraLinear(MergesDelta, nn.Module):
                 set_base_weight(base, base_weight(base) - delta_weight(A, B, self.scaling))
 
     def forward(self, x, base_out):
-        return self.lora_B(self.lora_A(self.dropout(x)) * self.scaling)
+        bias = self.lora_B.bias
+        if bias is None:
+            return self.lora_B(self.lora_A(self.dropout(x)) * self.scaling)
+        return F.linear(self.lora_A(self.dropout(x)) * self.scaling, self.lora_B.weight, bias * self.scaling)
 
     def fused_forward(self, base: nn.Module, x):
         """The whole layer's output in one fused op, or None where it does not apply."""
         if type(base) is not nn.Linear or not isinstance(self.dropout, nn.Identity) or x.dtype != self.lora_A.weight.dtype:
             return None
-        return _FusedLoraLinear.apply(x, base.weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling)
+        bias = base.bias
+        if self.lora_B.bias is not None:  # lora_bias: s b joins the base bias (autograd carries its gradient)
+            bias = self.lora_B.bias * self.scaling if bias is None else bias + self.lora_B.bias * self.scaling
+        return _FusedLoraLinear.apply(x, base.weight, bias, self.lora_A.weight, self.lora_B.weight, self.scaling)
+
+    def merge(self, base: nn.Module) -> None:
+        if getattr(base, "peftlab_shared_base", False):
+            raise StateError("lora: this layer's base weight is shared with its copies (layer_replication), so an adapter "
+                             "cannot be merged into it (as in HF PEFT); use it unmerged")
+        bias = self._base_bias(base)
+        MergesDelta.merge(self, base)
+        if bias is not None:
+            bias.data += self.lora_B.bias.detach() * self.scaling
+
+    def unmerge(self, base: nn.Module) -> None:
+        bias = self._base_bias(base)
+        MergesDelta.unmerge(self, base)
+        if bias is not None:
+            bias.data -= self.lora_B.bias.detach() * self.scaling
+
+    def _base_bias(self, base: nn.Module):
+        """The base bias that lora_bias folds into (None without lora_bias); refuses a base without one."""
+        lora_B = getattr(self, "lora_B", None)
+        if lora_B is None or lora_B.bias is None:
+            return None
+        if getattr(base, "bias", None) is None:
+            raise StateError("lora: an adapter with lora_bias=true cannot be merged into a layer without a bias "
+                             "(as in HF PEFT); use it unmerged")
+        return base.bias
 
     def delta_weight(self) -> torch.Tensor:
         return delta_weight(self.lora_A.weight, self.lora_B.weight, self.scaling)
 
-    # PiSSA only: the base holds W - s B0 A0, so rows not using this adapter add s B0 A0 back.
+    # PiSSA and OLoRA only: the base holds W - s B0 A0, so rows not using this adapter add s B0 A0 back.
     def inactive_delta(self, x):
         return F.linear(F.linear(x, self.pissa_A0) * self.scaling, self.pissa_B0)
 
     def detach_from(self, base: nn.Module) -> None:
-        """Called when the adapter is removed unmerged: give the base back what PiSSA took."""
+        """Called when the adapter is removed unmerged: give the base back what PiSSA / OLoRA took."""
         if self.alters_base:
             set_base_weight(base, base_weight(base) + delta_weight(self.pissa_A0, self.pissa_B0, self.scaling))
 
     def hf_state(self) -> tuple[dict, int, float]:
         """Tensors to save (HF PEFT names), with the rank and alpha they stand for.
-        PiSSA is saved as the equivalent plain LoRA of rank 2r on the original base."""
+        PiSSA and OLoRA are saved as the equivalent plain LoRA of rank 2r on the original base."""
         A, B = self.lora_A.weight.detach(), self.lora_B.weight.detach()
         if not self.alters_base:
-            return {"lora_A.weight": A, "lora_B.weight": B}, self.r, self.alpha
+            tensors = {"lora_A.weight": A, "lora_B.weight": B}
+            if getattr(self.lora_B, "bias", None) is not None:
+                tensors["lora_B.bias"] = self.lora_B.bias.detach()
+            return tensors, self.r, self.alpha
         A2 = torch.cat([A, self.pissa_A0], 0)
         B2 = torch.cat([B, -self.pissa_B0], 1)
         alpha2 = self.alpha * (math.sqrt(2) if self.rslora else 2)
@@ -263,7 +357,7 @@ class LoraEmbedding(nn.Module):
 
     def __init__(self, base: nn.Embedding, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False, init: str = "default"):
         super().__init__()
-        if init in ("pissa", "loftq"):
+        if init in (*BASE_INITS, "loftq"):
             raise ConfigError(f"lora: init={init} applies to linear layers only; exclude the embedding or use init=default")
         self.r, self.alpha, self.rslora, self.init = r, alpha, rslora, init
         self.scaling = scaling(alpha, r, rslora)
@@ -310,6 +404,61 @@ def set_base_weight(base: nn.Module, value: torch.Tensor) -> None:
     base.weight.data.copy_(value)
 
 
+def decoder_layers(model: nn.Module):
+    """``(owner, attribute, ModuleList)`` of a Llama-, BERT- or Falcon/GPT-2-style model's layers
+    (where HF PEFT's ``replicate_layers`` looks)."""
+    root = model
+    while hasattr(root, "model") and isinstance(root.model, nn.Module):
+        root = root.model
+    root = getattr(root, "bert", root)
+    for owner, attribute in ((root, "layers"), (getattr(root, "encoder", None), "layer"), (root, "h")):
+        layers = getattr(owner, attribute, None) if owner is not None else None
+        if isinstance(layers, nn.ModuleList):
+            return owner, attribute, layers
+    raise TargetError("lora: layer_replication needs the model's decoder layers as a ModuleList at .layers, "
+                      ".encoder.layer or .h (Llama, BERT, Falcon/GPT-2 style); this model has none")
+
+
+def _shared_copy(layer: nn.Module, index: int) -> nn.Module:
+    """A deep copy of ``layer`` whose parameters are the original's (same tensors), renumbered ``index``."""
+    import copy
+
+    clone = copy.deepcopy(layer)
+    for name, module in layer.named_modules():
+        target = clone.get_submodule(name)
+        for pname, param in module.named_parameters(recurse=False):
+            target.register_parameter(pname, param)
+        if hasattr(target, "layer_idx"):  # transformers' KV cache slots
+            target.layer_idx = index
+        if name and any(True for _ in module.parameters(recurse=False)):
+            target.peftlab_shared_base = True
+    return clone
+
+
+def replicate_layers(model: nn.Module, ranges) -> None:
+    """Rebuild the decoder's layers from ``[start, end)`` ranges of the current ones, copies sharing weights."""
+    owner, attribute, layers = decoder_layers(model)
+    if getattr(model, "peftlab_layer_replication", None) is not None:
+        if [list(r) for r in ranges] == model.peftlab_layer_replication:
+            return  # a second adapter with the same map: already done
+        raise ConfigError(f"lora: this model's layers were already replicated as {model.peftlab_layer_replication}; "
+                          f"another layer_replication ({[list(r) for r in ranges]}) needs a fresh model")
+    if max(end for _, end in ranges) > len(layers):
+        raise ConfigError(f"lora: layer_replication {[list(r) for r in ranges]} reaches past the model's {len(layers)} layers")
+    if any(type(m).__name__ == "AdapterLayer" for m in layers.modules()):
+        raise ConfigError("lora: layer_replication copies the layers, adapters included; attach the adapter with "
+                          "layer_replication first, before any other adapter")
+    new = []
+    for start, end in ranges:
+        for i in range(start, end):
+            new.append(_shared_copy(layers[i], len(new)))
+    setattr(owner, attribute, nn.ModuleList(new))
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "num_hidden_layers"):
+        config.num_hidden_layers = len(new)
+    model.peftlab_layer_replication = [list(r) for r in ranges]
+
+
 # ---- method protocol -------------------------------------------------------------------------
 
 Config = LoraConfig
@@ -319,6 +468,19 @@ def can_wrap(module: nn.Module) -> bool:
     return is_linear(module) or isinstance(module, nn.Embedding)
 
 
+def find_targets(model: nn.Module, config: LoraConfig) -> list:
+    """The usual targets, after replicating layers first when ``layer_replication`` asks for it."""
+    from ..core.targets import find_targets as default_targets
+
+    if config.layer_replication is not None:
+        replicate_layers(model, config.layer_replication)
+    return default_targets(model, config, can_wrap)
+
+
 def make_adapter(module: nn.Module, config: LoraConfig, name: str) -> nn.Module:
-    kind = LoraEmbedding if isinstance(module, nn.Embedding) else LoraLinear
-    return kind(module, config.rank_for(name), config.alpha_for(name), config.dropout, config.rslora, config.init)
+    args = (module, config.rank_for(name), config.alpha_for(name), config.dropout, config.rslora, config.init)
+    if isinstance(module, nn.Embedding):
+        if config.lora_bias:
+            raise ConfigError("lora: lora_bias=true applies to linear layers only (as in HF PEFT); exclude the embedding")
+        return LoraEmbedding(*args)
+    return LoraLinear(*args, lora_bias=config.lora_bias)

@@ -70,6 +70,9 @@ def read_lora(name: str, path, shapes: dict, max_rank: int, base_fingerprint: st
                                     f"({info.get('base_model') or 'fingerprint ' + saved}); serve it with that base")
     modules, rank = {}, 0
     for module, local in per_module.items():
+        if "lora_B.bias" in local:
+            raise AdapterFormatError(f"adapter {name!r} has a lora_B bias (lora_bias=true) at '{module}', which the "
+                                     "server's low-rank kernels do not add; merge it into a base (peftlab merge) to serve it")
         if "lora_A.weight" not in local or "lora_B.weight" not in local:
             raise AdapterFormatError(f"adapter {name!r}: '{module}' has tensors {sorted(local)}; the server takes "
                                      "LoRA on linear layers (lora_A / lora_B) only")

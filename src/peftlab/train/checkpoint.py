@@ -86,6 +86,10 @@ def load_checkpoint(folder: Path, params: dict, optimizer) -> dict:
         for key, value in param_state.items():
             if torch.is_tensor(value) and value.shape == in_order[index].shape:
                 param_state[key] = scatter(value, in_order[index])
+    if len(saved["param_groups"]) != len(optimizer.param_groups):
+        raise TrainingError(f"the checkpoint in {folder} has {len(saved['param_groups'])} optimizer parameter groups, this run "
+                            f"{len(optimizer.param_groups)}: resume with the optimizer settings it was written with "
+                            "(e.g. the same loraplus_lr_ratio, on or off)")
     optimizer.load_state_dict(saved)
     restore_rng(tensors["rng"], state["rng"])
     return state

@@ -13,7 +13,8 @@ OPTIMIZERS = ("adamw", "mezo")
 # Settings that decide the exact sequence of updates; a resume with different values cannot
 # reproduce the uninterrupted run, so it warns.
 TRAJECTORY_KEYS = ("lr", "steps", "batch_size", "grad_accum", "warmup_steps", "schedule", "weight_decay",
-                   "max_grad_norm", "seed", "chunked_loss", "optimizer", "mezo_eps", "group_by_length")
+                   "max_grad_norm", "seed", "chunked_loss", "optimizer", "mezo_eps", "group_by_length",
+                   "loraplus_lr_ratio", "loraplus_lr_embedding")
 
 
 @dataclass
@@ -37,7 +38,10 @@ class TrainConfig:
     length together (within windows of 50 batches of a random order), so short rows are not padded
     to long ones: the same data, a fraction of the padding (``loop.DataOrder``); strategy: under
     torchrun, "ddp" (every rank holds the whole model, ``dist/ddp.py``) or "fsdp" (every parameter
-    sharded across the ranks, ``dist/fsdp.py``); one process ignores it."""
+    sharded across the ranks, ``dist/fsdp.py``); one process ignores it; loraplus_lr_ratio: LoRA+
+    (``loraplus.py``): lora_B and 1-D parameters train at ``ratio * lr`` (None = off, the paper
+    suggests 16), embedding LoRA factors at ``loraplus_lr_embedding`` (HF PEFT's default 1e-6), the
+    schedule scaling every rate alike."""
 
     lr: float = 2e-3
     steps: int = 120
@@ -61,6 +65,8 @@ class TrainConfig:
     mezo_eps: float = 1e-3
     group_by_length: bool = False
     strategy: str = "ddp"
+    loraplus_lr_ratio: float | None = None
+    loraplus_lr_embedding: float = 1e-6
 
     def __post_init__(self):
         if self.out_dir is not None:
@@ -101,6 +107,16 @@ class TrainConfig:
         if self.warmup_steps >= self.steps:
             warnings.warn(f"train: warmup_steps={self.warmup_steps} covers the whole run (steps={self.steps}), so the "
                           f"learning rate never reaches lr={self.lr:g}", stacklevel=4)
+        if self.loraplus_lr_ratio is not None:
+            from .loraplus import check_ratio
+
+            check_ratio(self.loraplus_lr_ratio)
+            if self.optimizer != "adamw":
+                raise ConfigError(f"train: loraplus_lr_ratio sets AdamW's per-group learning rates; it does not apply to "
+                                  f"optimizer={self.optimizer}")
+        if not (isinstance(self.loraplus_lr_embedding, (int, float)) and not isinstance(self.loraplus_lr_embedding, bool)
+                and self.loraplus_lr_embedding > 0):
+            raise ConfigError(f"train: loraplus_lr_embedding must be a positive number, got {self.loraplus_lr_embedding!r}")
         if self.resume and not self.out_dir:
             raise ConfigError("train: resume=True needs out_dir, the folder whose checkpoint/ to continue from")
 

@@ -36,6 +36,7 @@ from .checkpoint import capture_rng, checkpoint_folder, has_checkpoint, load_che
 from .checkpointing import gradient_checkpointing
 from .config import TRAJECTORY_KEYS, TrainConfig, TrainResult
 from .data import pad_collate, pad_id_of
+from .loraplus import loraplus_groups
 from .loss import training_loss
 from .mezo import MeZO, projected_gradient, step_seed
 
@@ -184,7 +185,11 @@ def calibrate(model, data, collate, order, cfg: TrainConfig, device, batches: in
 
 def make_optimizer(params: dict, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW (or MeZO) with weight decay on matrices only: decaying biases and norm scales toward
-    zero hurts more than it regularizes (the usual GPT recipe)."""
+    zero hurts more than it regularizes (the usual GPT recipe). With ``cfg.loraplus_lr_ratio``,
+    LoRA+'s groups (``loraplus.py``), each rate a multiple ``lr_scale`` of the schedule's."""
+    if cfg.loraplus_lr_ratio is not None:
+        return torch.optim.AdamW(loraplus_groups(params, cfg.lr, cfg.loraplus_lr_ratio, cfg.loraplus_lr_embedding,
+                                                 cfg.weight_decay), lr=cfg.lr)
     decay = [p for p in params.values() if p.dim() >= 2]
     no_decay = [p for p in params.values() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -192,6 +197,12 @@ def make_optimizer(params: dict, cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "mezo":
         return MeZO(groups, lr=cfg.lr, eps=cfg.mezo_eps)
     return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's ``lr`` for this step, times each group's ``lr_scale`` (LoRA+; 1 otherwise)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def seed_everything(seed: int) -> None:
@@ -288,8 +299,7 @@ def train_step(model, forward, batches: Batches, position: int, optimizer, param
     """One optimizer step; return (mean loss, tokens), over all ranks under DDP. A non-finite loss or
     gradient raises before ``optimizer.step()``, so the weights and optimizer state stay those of
     the last good step (under DDP every rank sees the same averages, so all of them stop)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    set_learning_rate(optimizer, lr)
     if isinstance(optimizer, MeZO):
         return mezo_step(model, batches, position, optimizer, lr, step, cfg, on_step)
     loss, tokens = accumulate_gradients(model, forward, batches, position, cfg)
