@@ -259,7 +259,9 @@ def test_info_describes_a_peftlab_format_union(tmp_path, capsys):
                                          ("loha[r=2,alpha=4,targets=[k_proj,v_proj,down_proj]]", 4),
                                          ("lokr[r=2,alpha=4,targets=[k_proj,v_proj,down_proj]]", 4),
                                          ("vera[r=4,targets=[k_proj,v_proj,down_proj]]", None),
-                                         ("fourierft[n_frequency=20,targets=[k_proj,v_proj,down_proj]]", None)])
+                                         ("fourierft[n_frequency=20,targets=[k_proj,v_proj,down_proj]]", None),
+                                         ("oft[block_size=8,targets=[k_proj,v_proj,down_proj]]", None),
+                                         ("boft[targets=[k_proj,v_proj,down_proj]]", None)])
 def test_info_counts_the_modules_of_every_hf_format(spec, alpha, tmp_path, capsys):
     from conftest import make_llama
 

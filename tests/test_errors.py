@@ -128,7 +128,7 @@ def test_corrupt_config(saved, content):
 @pytest.mark.parametrize("change,match", [
     ({"r": "four"}, "invalid values"),
     ({"lora_alpha": -1}, "invalid values"),
-    ({"peft_type": "BOFT"}, "not supported"),
+    ({"peft_type": "XLORA"}, "not supported"),
     ({"init_lora_weights": "pissa"}, "path_initial_model_for_weight_conversion"),
     ({"r": 8}, "do not belong together"),
     ({"use_dora": True}, "do not belong together"),

@@ -141,6 +141,16 @@ def hf_twin(model, method: str, task: Task):
                                     random_loc_seed=config.random_loc_seed, init_weights=config.init == "zeros",
                                     n_frequency_pattern={m: n for m, n in counts.items() if n != config.n_frequency},
                                     target_modules=modules, task_type=task_type)
+    elif method == "oft":  # unset r and block_size: PEFT's default 32 with its own nearest-divisor fallback
+        twin = peft.OFTConfig(r=config.r, oft_block_size=0 if config.r else (config.block_size or 32),
+                              module_dropout=config.module_dropout, coft=config.coft, eps=config.eps,
+                              block_share=config.block_share, use_cayley_neumann=config.use_cayley_neumann,
+                              num_cayley_neumann_terms=config.num_cayley_neumann_terms, target_modules=modules,
+                              task_type=task_type)
+    elif method == "boft":  # PEFT builds one butterfly factor on CPU whatever it is told (no CUDA extension)
+        twin = peft.BOFTConfig(boft_block_size=0 if config.block_num else (config.block_size or 4),
+                               boft_block_num=config.block_num, boft_n_butterfly_factor=config.n_butterfly_factor,
+                               boft_dropout=config.dropout, target_modules=modules, task_type=task_type)
     elif method == "ln_tuning":
         twin = peft.LNTuningConfig(target_modules=modules, task_type=task_type)
     elif method == "prompt":

@@ -39,6 +39,8 @@ METHOD_FILES = (
     "lokr",
     "vera",
     "fourierft",
+    "oft",
+    "boft",
     "qalora",
     "diff_pruning",
     "fishmask",
