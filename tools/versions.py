@@ -18,7 +18,7 @@ import sys
 from importlib import metadata
 
 WATCHED = ("torch", "transformers", "peft", "bitsandbytes", "safetensors", "tokenizers", "huggingface-hub",
-           "gguf", "datasets", "fastapi", "uvicorn", "openai", "ray")
+           "gguf", "datasets", "fastapi", "uvicorn", "openai", "ray", "nevergrad")
 NOT_PINNED = {"peftlab", "pip", "setuptools", "wheel", "uv"}  # the project itself and the installers
 
 
