@@ -44,6 +44,8 @@ from .loha import module_dropped, refuse_non_linear, row_dropout, validate_lycor
 CATEGORY = "reparameterized"
 PAPER = "Yeh et al., 2023 (arXiv:2309.14859)"
 MERGEABLE = True
+DEFAULT_LR = 5e-3  # as KronA, which also starts from a zero factor
+EXAMPLE_MODEL_SETTINGS = {"initializer_range": 0.2}  # weights at a pretrained scale: a random tiny model's blocks barely act
 INVALID_SETTINGS = ("r=0", "alpha=-1", "decompose_factor=0", "rank_dropout=1.5", "init=zeros")
 INITS = ("default", "lycoris")
 # the tiny hidden-32 test models factor 32 as 4 x 8, leaving the zero-initialised W1 16 entries a layer, too few
