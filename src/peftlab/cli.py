@@ -191,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
                                               "parameter count on SmolLM2-135M at its defaults.")
     methods.add_argument("--json", action="store_true", help="print JSON instead of a table")
     methods.add_argument("--markdown", action="store_true", help="print the README's Markdown table")
+    methods.add_argument("--compare-hf", action="store_true",
+                         help="every HF PEFT type and LoRA option instead: in peftlab or not (and why), whether the files "
+                              "load both ways, and SST-2 accuracy of both from the benchmark")
     methods.set_defaults(func=cmd_methods)
 
     many = commands.add_parser(
@@ -935,6 +938,8 @@ def cmd_extract_lora(args) -> int:
 def cmd_methods(args) -> int:
     from .methods.table import markdown_table, method_rows
 
+    if args.compare_hf:
+        return compare_hf(args)
     if args.markdown:
         print(markdown_table())
         return 0
@@ -945,10 +950,37 @@ def cmd_methods(args) -> int:
     headers = {"name": "method", "category": "category", "mergeable": "mergeable",
                "params_smollm2_135m": "params (SmolLM2-135M)", "paper": "paper"}
     table = [{k: ("yes" if r[k] is True else "no" if r[k] is False else str(r[k])) for k in headers} for r in rows]
-    widths = {k: max(len(headers[k]), *(len(r[k]) for r in table)) for k in headers}
+    print_columns(headers, table)
+    return 0
+
+
+def print_columns(headers: dict, rows: list) -> None:
+    """``rows`` (dicts of strings) as left-aligned columns under ``headers`` ({key: title})."""
+    widths = {k: max(len(headers[k]), *(len(r[k]) for r in rows)) for k in headers}
     print("  ".join(f"{headers[k]:<{widths[k]}}" for k in headers).rstrip())
-    for r in table:
+    for r in rows:
         print("  ".join(f"{r[k]:<{widths[k]}}" for k in headers).rstrip())
+
+
+def compare_hf(args) -> int:
+    from .methods import parity
+
+    if args.markdown:
+        print(parity.markdown_table())
+        return 0
+    types, options = parity.type_rows(), parity.option_rows()
+    if args.json:
+        print(json.dumps({"hf_peft": parity.HF_VERSION, "types": types, "lora_options": options}, indent=2))
+        return 0
+    def cell(value):
+        return "yes" if value is True else "no" if value is False else value or "-"
+
+    headers = {"hf": "HF PEFT type", "peftlab": "peftlab", "files": "files both ways", "sst2": "SST-2 peftlab",
+               "sst2_hf": "SST-2 HF PEFT", "note": "note"}
+    print_columns(headers, [{k: cell(r[k]) for k in headers} for r in types])
+    print()
+    headers = {"hf": "HF PEFT LoRA option", "peftlab": "peftlab", "files": "files both ways", "note": "note"}
+    print_columns(headers, [{k: cell(r[k]) for k in headers} for r in options])
     return 0
 
 

@@ -37,6 +37,9 @@ def add_parser(commands) -> None:
                        help="override a task setting for every task, e.g. train_rows=1000 or train=path.tsv")
     bench.add_argument("--results", default=DEFAULT_RESULTS, help=f"results file (default: {DEFAULT_RESULTS})")
     bench.add_argument("--out", help="report folder (default: the results file's folder)")
+    bench.add_argument("--figures", metavar="JSON",
+                       help="with report: also merge each method's SST-2 accuracy into this figures file (the one "
+                            "'peftlab methods --compare-hf' reads is src/peftlab/bench/sst2_figures.json)")
     bench.add_argument("--threads", type=int, default=2, help="torch threads per cell (default: 2)")
     bench.add_argument("--backend", choices=("local", "ray"), default="local",
                        help="local: cells one after another here; ray: each cell a Ray task reserving --threads CPUs, "
@@ -54,8 +57,13 @@ def run(args) -> int:
 
     results = Path(args.results)
     if args.action == "report":
-        path = write_report(read_results(results), Path(args.out) if args.out else results.parent)
+        rows = read_results(results)
+        path = write_report(rows, Path(args.out) if args.out else results.parent)
         print(f"report written to {path}")
+        if args.figures:
+            from .report import update_figures
+
+            print(f"figures of {update_figures(rows, Path(args.figures))} methods written to {args.figures}")
         return 0
     if args.preset:
         tasks, methods, seeds = preset(args.preset)

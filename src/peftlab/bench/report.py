@@ -9,6 +9,8 @@ parameters (log scale) with the Pareto front marked, memory and time bars, and t
 """
 from __future__ import annotations
 
+import datetime
+import json
 import math
 import statistics
 from collections import defaultdict
@@ -250,6 +252,22 @@ def checks(summaries: list, majority: float | None) -> str:
                          f"{twin['metric_std']:.4f} | {diff:+.4f} | {'yes' if ok else 'no'} (noise {noise:.4f}) "
                          f"| {ours['train_seconds'] / twin['train_seconds']:.2f}x |")
     return "\n".join(lines) + "\n"
+
+
+def update_figures(rows: list, path: Path, task: str = "sst2") -> int:
+    """Merge ``task``'s per-method accuracy from ``rows`` into the JSON figures file at ``path``
+    (what ``peftlab methods --compare-hf`` shows); methods the rows do not hold keep their entry.
+    Returns how many methods the rows updated."""
+    figures = json.loads(path.read_text()) if path.exists() else {"task": task, "methods": {}}
+    today = datetime.date.today().isoformat()
+    summaries = [s for s in aggregate(rows).get(task, []) if "metric" in s]
+    for s in summaries:
+        figures["methods"][s["method"]] = {"metric": round(s["metric"], 4), "std": round(s["metric_std"], 4),
+                                           "seeds": s["finished"], "train_seconds": round(s["train_seconds"], 1),
+                                           "measured": today}
+    figures["methods"] = dict(sorted(figures["methods"].items()))
+    path.write_text(json.dumps(figures, indent=1) + "\n")
+    return len(summaries)
 
 
 def write_report(rows: list, out: Path) -> Path:

@@ -1,0 +1,205 @@
+"""Coverage of HF PEFT (``peftlab methods --compare-hf`` and the README's parity table).
+
+One row per PEFT type HF PEFT 0.21.2 registers (``peft.PeftType``; a test keeps ``HF_TYPES`` equal
+to it) and per LoRA option of its ``LoraConfig``. Nothing in a row is asserted by hand where the
+code can answer:
+
+- *in peftlab* is whether the method is registered (``METHODS``), or, for a LoRA option, whether
+  its peftlab spec builds;
+- *files both ways* is whether a PEFT-format converter in ``formats/io.py`` reads that
+  ``peft_type`` (for an option: whether the converter writes it, stated per row); the tests run
+  every such row through the real ``peft`` in both directions (``tests/test_parity.py``);
+- the SST-2 columns are the benchmark's measured accuracy of peftlab's method and of its ``hf:``
+  twin (``bench/sst2_figures.json``, written by ``peftlab bench report --figures``).
+
+What is missing says why in its note.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+FIGURES = Path(__file__).resolve().parents[1] / "bench" / "sst2_figures.json"
+HF_VERSION = "0.21.2"
+
+# peft type -> (peftlab method or where the feature lives, note). A method name that is not
+# registered shows as missing, with the note as its reason.
+HF_TYPES = {
+    "LORA": ("lora", ""),
+    "ADALORA": ("adalora", ""),
+    "LOHA": ("loha", ""),
+    "LOKR": ("lokr", ""),
+    "OFT": ("oft", ""),
+    "BOFT": ("boft", ""),
+    "VERA": ("vera", ""),
+    "FOURIERFT": ("fourierft", ""),
+    "IA3": ("ia3", ""),
+    "LN_TUNING": ("ln_tuning", ""),
+    "PROMPT_TUNING": ("prompt", ""),
+    "P_TUNING": ("ptuning", ""),
+    "PREFIX_TUNING": ("prefix", ""),
+    "ADAPTION_PROMPT": ("llama_adapter", "LLaMA-Adapter; Llama-family models only"),
+    "XLORA": ("compose.mixture", "a gated mixture of frozen LoRAs (peftlab.compose.mixture), outputs twin-tested "
+                                 "against peft's XLoraModel; X-LoRA's own files are not read"),
+    "HRA": ("hra", "not yet: issue 16, first tier"),
+    "VBLORA": ("vblora", "not yet: issue 16, first tier"),
+    "MISS": ("miss", "not yet: issue 16, first tier"),
+    "RANDLORA": ("randlora", "not yet: issue 16, first tier"),
+    "SHIRA": ("shira", "not yet: issue 16, first tier"),
+    "C3A": ("c3a", "not yet: issue 16, first tier"),
+    "ROAD": ("road", "not yet: issue 16, first tier"),
+    "WAVEFT": ("waveft", "not yet: issue 16, first tier"),
+    "DELORA": ("delora", "not yet: issue 16, first tier"),
+    "GRALORA": ("gralora", "not yet: issue 16, first tier"),
+    "TRAINABLE_TOKENS": ("trainable_tokens", "not yet: issue 16, first tier"),
+    "POLY": ("poly", "not yet: issue 16, first tier"),
+    "CPT": ("cpt", "not yet: issue 16, first tier"),
+    "MULTITASK_PROMPT_TUNING": ("multitask_prompt", "not yet: issue 16, first tier"),
+    "ADAMSS": ("adamss", "not yet: issue 16, second tier"),
+    "BEFT": ("beft", "not yet: issue 16, second tier"),
+    "LILY": ("lily", "not yet: issue 16, second tier"),
+    "FROD": ("frod", "not yet: issue 16, second tier"),
+    "PVERA": ("pvera", "not yet: issue 16, second tier"),
+    "GLORA": ("glora", "not yet: issue 16, second tier"),
+    "UNILORA": ("unilora", "not yet: issue 16, second tier"),
+    "HIRA": ("hira", "not yet: issue 16, second tier"),
+    "OSF": ("osf", "not yet: issue 16, second tier"),
+    "CARTRIDGE": ("cartridge", "not yet: issue 16, second tier"),
+    "TINYLORA": ("tinylora", "not yet: issue 16, second tier"),
+    "PSOFT": ("psoft", "not yet: issue 16, second tier"),
+    "PEANUT": ("peanut", "not yet: issue 16, second tier"),
+    "SHADOW": ("shadow", "not yet: issue 16, second tier"),
+    "SUPERTUNING": ("supertuning", "not yet: issue 16, second tier"),
+    "DEFT": ("deft", "not yet: issue 16, second tier"),
+}
+
+
+@dataclass(frozen=True)
+class Option:
+    """A ``LoraConfig`` field of HF PEFT: peftlab's spelling (a spec string, or a trainer setting),
+    whether peftlab's HF files carry it, and why not where they do not."""
+
+    hf: str
+    spec: str = ""  # peftlab's spec; empty: not in peftlab
+    files: bool = False  # peftlab writes / reads it in PEFT's LoRA file
+    note: str = ""
+
+
+LORA_OPTIONS = (
+    Option("r, lora_alpha, lora_dropout, target_modules", "lora[r=8,alpha=16,dropout=0.1]", True),
+    Option("use_rslora", "lora[rslora=true]", True),
+    Option("rank_pattern, alpha_pattern", "LoraConfig(rank_pattern={'q_proj': 8}, alpha_pattern={'q_proj': 4})", True),
+    Option("init_lora_weights='gaussian'", "lora[init=gaussian]", True),
+    Option("init_lora_weights='pissa'", "lora[init=pissa]", True, "saved as the equivalent plain LoRA (peft's "
+           "path_initial_model_for_weight_conversion form)"),
+    Option("init_lora_weights='olora'", "lora[init=olora]", True, "saved as the equivalent plain LoRA"),
+    Option("init_lora_weights='loftq'", "lora[init=loftq]", True),
+    Option("init_lora_weights='eva'", note="not yet: issue 16 (a data-driven init: SVD of a few batches' activations)"),
+    Option("init_lora_weights='corda'", note="not yet: issue 16"),
+    Option("init_lora_weights='lora_ga'", note="not yet: issue 16"),
+    Option("use_dora", "dora", True),
+    Option("lora_bias", "lora[lora_bias=true]", True),
+    Option("layer_replication", "lora[layer_replication=[[0,2],[1,2]]]", True),
+    Option("use_qalora, qalora_group_size", "qalora", False, "QA-LoRA is its own method here; its files are native"),
+    Option("loraplus_lr_ratio (create_loraplus_optimizer)", "TrainConfig(loraplus_lr_ratio=16)", False,
+           "an optimizer setting, not part of the file"),
+    Option("create_lorafa_optimizer", "lora_fa", False, "LoRA-FA is its own method here; its files are native"),
+    Option("target_parameters", note="not yet: issue 16"),
+    Option("Conv1d / Conv2d / Conv3d targets", note="not yet: issue 16"),
+    Option("trainable_token_indices", note="not yet: issue 16"),
+    Option("fan_in_fan_out (GPT-2 Conv1D)", "lora", True, "GPT-2's Conv1D layers are wrapped with fan_in_fan_out"),
+    Option("megatron_config", note="Megatron-LM's parallel layers: out of scope (peftlab shards with FSDP2)"),
+    Option("velora_config, monteclora_config, arrow_config, kasa_config, alora_invocation_tokens, use_bdlora",
+           note="not yet: LoRA variants HF PEFT added in 2025-26, listed for a later issue"),
+)
+
+
+def registered(method: str) -> bool:
+    from . import METHODS
+
+    return method in METHODS or method.startswith("compose.")
+
+
+def interchangeable(peft_type: str) -> bool:
+    """Whether a PEFT-format converter reads (and so writes) this ``peft_type``."""
+    from ..formats.io import CONVERTERS
+
+    return any(peft_type in c.PEFT_TYPES for c in CONVERTERS)
+
+
+def option_present(option: Option) -> bool:
+    """Whether the option's spec builds here; a ``LoraConfig(...)`` or ``TrainConfig(...)`` spec (a
+    setting the spec string cannot spell, e.g. a dict) counts when that dataclass has the field."""
+    if not option.spec:
+        return False
+    if option.spec.startswith(("TrainConfig(", "LoraConfig(")):
+        from ..train import TrainConfig
+        from .lora import LoraConfig
+
+        cls, _, rest = option.spec.partition("(")
+        fields = {"TrainConfig": TrainConfig, "LoraConfig": LoraConfig}[cls].__dataclass_fields__
+        return all(part.split("=")[0].strip() in fields for part in rest.split(", ") if "=" in part)
+    from ..core.adapters import build_configs
+
+    try:
+        build_configs(option.spec)
+    except Exception:  # an option whose setting this version lacks shows as missing, not as an error
+        return False
+    return True
+
+
+def figures(path: Path = FIGURES) -> dict:
+    """``{method: {"metric", "std", "seeds", ...}}`` of the SST-2 benchmark (``hf:`` rows included)."""
+    return json.loads(path.read_text())["methods"] if path.exists() else {}
+
+
+def _accuracy(entry: dict | None) -> str:
+    if not entry:
+        return ""
+    return f"{entry['metric']:.3f} ± {entry['std']:.3f} ({entry['seeds']})" if entry["seeds"] > 1 else \
+        f"{entry['metric']:.3f} (1 seed)"
+
+
+def type_rows(measured: dict | None = None) -> list[dict]:
+    measured = figures() if measured is None else measured
+    rows = []
+    for peft_type, (method, note) in HF_TYPES.items():
+        present = registered(method)
+        rows.append({"hf": peft_type, "peftlab": method if present else "", "in_peftlab": present,
+                     "files": present and interchangeable(peft_type),
+                     "sst2": _accuracy(measured.get(method)), "sst2_hf": _accuracy(measured.get("hf:" + method)),
+                     "note": note if not present or method.startswith("compose.") or method == "llama_adapter" else ""})
+    return rows
+
+
+def option_rows() -> list[dict]:
+    rows = []
+    for option in LORA_OPTIONS:
+        present = option_present(option)
+        rows.append({"hf": option.hf, "peftlab": option.spec if present else "", "in_peftlab": present,
+                     "files": present and option.files, "note": option.note})
+    return rows
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+def markdown_table(measured: dict | None = None) -> str:
+    types = type_rows(measured)
+    options = option_rows()
+    have = sum(r["in_peftlab"] for r in types)
+    lines = [f"{have} of HF PEFT {HF_VERSION}'s {len(types)} PEFT types are in peftlab, "
+             f"{sum(r['files'] for r in types)} of them with files that load both ways; "
+             f"{sum(r['in_peftlab'] for r in options)} of its {len(options)} LoRA options.", "",
+             "| HF PEFT type | peftlab | files both ways | SST-2 peftlab | SST-2 HF PEFT | note |",
+             "|---|---|---|---|---|---|"]
+    for r in types:
+        name = f"`{r['peftlab']}`" if r["peftlab"] else "-"
+        lines.append(f"| `{r['hf']}` | {name} | {_yes(r['files'])} | {r['sst2']} | {r['sst2_hf']} | {r['note']} |")
+    lines += ["", "| HF PEFT LoRA option | peftlab | files both ways | note |", "|---|---|---|---|"]
+    for r in options:
+        name = f"`{r['peftlab']}`" if r["peftlab"] else "-"
+        lines.append(f"| `{r['hf']}` | {name} | {_yes(r['files'])} | {r['note']} |")
+    return "\n".join(lines)
