@@ -157,6 +157,10 @@ def hf_twin(model, method: str, task: Task):
             raise ValueError(f"road: the layers' automatic group sizes differ ({sorted(sizes)}); PEFT takes one")
         twin = peft.RoadConfig(variant=config.variant, group_size=sizes.pop(), init_weights=config.init == "identity",
                                target_modules=modules, task_type=task_type)
+    elif method == "delora":
+        twin = peft.DeloraConfig(r=config.r, delora_lambda=config.lambda_init, module_dropout=config.dropout,
+                                 rank_pattern=config.rank_pattern, lambda_pattern=config.lambda_pattern,
+                                 init_weights=config.init == "default", target_modules=modules, task_type=task_type)
     elif method == "ln_tuning":
         twin = peft.LNTuningConfig(target_modules=modules, task_type=task_type)
     elif method == "prompt":

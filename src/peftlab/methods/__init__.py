@@ -42,6 +42,7 @@ METHOD_FILES = (
     "oft",
     "boft",
     "road",
+    "delora",
     "qalora",
     "diff_pruning",
     "fishmask",
