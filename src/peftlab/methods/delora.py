@@ -16,8 +16,9 @@ and, with the column scaling, ``||delta W||_F <= lambda ||W||_F`` (also ``<= lam
 ||W[:, j]||``): the fine-tuned weight stays within a ball around the pretrained one whose radius
 is proportional to ``||W||``, whatever ``A`` and ``B`` do; only ``lambda`` sets how far, the
 factors only which way (rescaling ``a_i`` or ``b_i`` leaves ``delta W`` unchanged). The paper
-states the bound with the weight norm; the authors' code and HF PEFT use the per-input-column
-norms written above, which this file follows. ``B`` starts at zero, so the model is exactly the
+writes the scale as ``lambda ||W|| / r``; HF PEFT (whose DeLoRA came from the authors' own
+PEFT-based code) applies the weight norm per input column as written above, and this file follows
+PEFT, so files move between the two unchanged; the bound ``lambda ||W||_F`` holds either way. ``B`` starts at zero, so the model is exactly the
 base at step 0 (the norms are clamped below at 1e-4, as in PEFT, so the zero ``B`` is defined);
 ``delta W`` is a weight, so DeLoRA merges into ``W``.
 
