@@ -42,12 +42,12 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import MethodConfig
 from ..errors import ConfigError
-from .lora import MergesDelta, _pattern_value, base_weight
+from .lora import _pattern_value, base_weight
+from .lowrank import FactoredUpdate
 from .vera import can_wrap, refuse_non_linear  # noqa: F401  (protocol: nn.Linear, Conv1D refused clearly)
 
 CATEGORY = "reparameterized"
@@ -129,8 +129,10 @@ def delta_weight(A, B, lam, r: int, w_norm) -> torch.Tensor:
 
 # ---- module ----------------------------------------------------------------------------------
 
-class DeloraLinear(MergesDelta, nn.Module):
-    """DeLoRA for ``nn.Linear``: returns ``delta W x`` computed through the rank-r path."""
+class DeloraLinear(FactoredUpdate, nn.Module):
+    """DeLoRA for ``nn.Linear``: the update is one low-rank product, ``B' A'`` with ``A' = A diag(w)``
+    and ``B' = B diag(lambda / r / (||a_i|| ||b_i||))``, so the forward, LoRA's fused kernel, the
+    delta and merging come from ``FactoredUpdate`` through ``factors()``."""
 
     def __init__(self, base: nn.Module, r: int, lambda_init: float, dropout: float = 0.0, init: str = "default"):
         super().__init__()
@@ -152,13 +154,9 @@ class DeloraLinear(MergesDelta, nn.Module):
         self.register_buffer("delora_w_norm", column_norms(W.detach()).to(device, dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
-    def delta_weight(self) -> torch.Tensor:
-        return delta_weight(self.delora_A, self.delora_B, self.delora_lambda, self.r, self.delora_w_norm)
-
-    def forward(self, x, base_out):
-        A = self.delora_A
-        h = F.linear(self.dropout(x.to(A.dtype)) * self.delora_w_norm, A)
-        return F.linear(h * scales(A, self.delora_B, self.delora_lambda, self.r), self.delora_B)
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        A, B = self.delora_A, self.delora_B
+        return A * self.delora_w_norm, B * scales(A, B, self.delora_lambda, self.r), 1.0
 
 
 # ---- method protocol -------------------------------------------------------------------------
