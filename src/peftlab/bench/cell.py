@@ -151,6 +151,16 @@ def hf_twin(model, method: str, task: Task):
         twin = peft.BOFTConfig(boft_block_size=0 if config.block_num else (config.block_size or 4),
                                boft_block_num=config.block_num, boft_n_butterfly_factor=config.n_butterfly_factor,
                                boft_dropout=config.dropout, target_modules=modules, task_type=task_type)
+    elif method == "road":  # peftlab's automatic group size, which must be one for all layers in PEFT
+        sizes = {config.group_size_for(model.get_submodule(m).out_features, m) for m in modules}
+        if len(sizes) != 1:
+            raise ValueError(f"road: the layers' automatic group sizes differ ({sorted(sizes)}); PEFT takes one")
+        twin = peft.RoadConfig(variant=config.variant, group_size=sizes.pop(), init_weights=config.init == "identity",
+                               target_modules=modules, task_type=task_type)
+    elif method == "delora":
+        twin = peft.DeloraConfig(r=config.r, delora_lambda=config.lambda_init, module_dropout=config.dropout,
+                                 rank_pattern=config.rank_pattern, lambda_pattern=config.lambda_pattern,
+                                 init_weights=config.init == "default", target_modules=modules, task_type=task_type)
     elif method == "ln_tuning":
         twin = peft.LNTuningConfig(target_modules=modules, task_type=task_type)
     elif method == "prompt":

@@ -41,6 +41,8 @@ METHOD_FILES = (
     "fourierft",
     "oft",
     "boft",
+    "road",
+    "delora",
     "qalora",
     "diff_pruning",
     "fishmask",
