@@ -37,6 +37,7 @@ METHOD_FILES = (
     "krona",
     "loha",
     "lokr",
+    "gralora",
     "vera",
     "fourierft",
     "oft",
