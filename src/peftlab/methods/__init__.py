@@ -40,6 +40,7 @@ METHOD_FILES = (
     "gralora",
     "vera",
     "fourierft",
+    "waveft",
     "oft",
     "boft",
     "qalora",
