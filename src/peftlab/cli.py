@@ -746,7 +746,7 @@ def read_adapter_header(adapter) -> tuple[dict, dict]:
 
 
 # where an HF PEFT tensor name turns from the module's path into the method's own parameter
-ADAPTER_TENSOR = re.compile(r"\.(?=(?:lora|hada|lokr|ia3|vera_lambda|fourierft|oft|boft|road|delora)_)")
+ADAPTER_TENSOR = re.compile(r"\.(?=(?:lora|hada|lokr|ia3|vera_lambda|fourierft|oft|boft|road|delora|gralora|waveft)_)")
 SHARED_FROZEN = ("base_model.vera_A", "base_model.vera_B")  # VeRA's one random pair, saved but never trained
 
 
@@ -785,7 +785,7 @@ def adapter_info(adapter) -> dict:
     r, alpha = hf.get("r"), hf.get("lora_alpha", hf.get("alpha"))  # LoHa and LoKr call it alpha
     scale = None
     if isinstance(r, (int, float)) and isinstance(alpha, (int, float)) and r:
-        scale = alpha / (math.sqrt(r) if hf.get("use_rslora") else r)
+        scale = alpha / (math.sqrt(r) if hf.get("use_rslora") else r + hf.get("hybrid_r", 0))  # GraLoRA: r + hybrid_r
     return {
         "adapter": str(adapter),
         "method": method,

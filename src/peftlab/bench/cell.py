@@ -161,6 +161,16 @@ def hf_twin(model, method: str, task: Task):
         twin = peft.DeloraConfig(r=config.r, delora_lambda=config.lambda_init, module_dropout=config.dropout,
                                  rank_pattern=config.rank_pattern, lambda_pattern=config.lambda_pattern,
                                  init_weights=config.init == "default", target_modules=modules, task_type=task_type)
+    elif method == "gralora":
+        twin = peft.GraloraConfig(r=config.r, alpha=config.alpha, gralora_k=config.gralora_k, hybrid_r=config.hybrid_r,
+                                  gralora_dropout=config.dropout, target_modules=modules, task_type=task_type)
+    elif method == "waveft":  # as FourierFT: a layer's capped count goes to PEFT as a per-module pattern
+        counts = {m: config.n_for(m, *model.get_submodule(m).weight.shape) for m in modules}
+        twin = peft.WaveFTConfig(n_frequency=config.n_frequency, scaling=config.scaling,
+                                 wavelet_family=config.wavelet_family, use_idwt=config.use_idwt,
+                                 random_loc_seed=config.random_loc_seed, init_weights=config.init == "zeros",
+                                 n_frequency_pattern={m: n for m, n in counts.items() if n != config.n_frequency},
+                                 target_modules=modules, task_type=task_type)
     elif method == "ln_tuning":
         twin = peft.LNTuningConfig(target_modules=modules, task_type=task_type)
     elif method == "prompt":
