@@ -44,6 +44,7 @@ METHOD_FILES = (
     "qalora",
     "diff_pruning",
     "fishmask",
+    "shira",
     "prompt_tuning",
     "prefix",
     "ptuning",
