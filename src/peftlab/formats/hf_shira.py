@@ -106,8 +106,8 @@ def from_hf(model: nn.Module, hf: dict, tensors: dict, name: str, source) -> Non
         rows, cols = indices[0], indices[1]
         if indices.numel() and (int(indices.min()) < 0 or int(rows.max()) >= adapter.out_features
                                 or int(cols.max()) >= adapter.in_features):
-            raise IncompatibleBaseError(f"{source}: '{module_name}.{INDICES}' points outside a "
-                                        f"{adapter.out_features} x {adapter.in_features} weight; wrong base model or corrupt file")
+            raise IncompatibleBaseError(f"{source}: '{module_name}.{INDICES}' points outside a {adapter.out_features} x "
+                                        f"{adapter.in_features} weight; wrong base model or corrupt file")
         flat = rows * adapter.in_features + cols
         if flat.unique().numel() != flat.numel():
             raise AdapterFormatError(f"{source}: '{module_name}.{INDICES}' names some positions twice (a corrupt file?)")

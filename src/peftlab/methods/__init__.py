@@ -39,6 +39,7 @@ METHOD_FILES = (
     "lokr",
     "vera",
     "fourierft",
+    "c3a",
     "oft",
     "boft",
     "qalora",
