@@ -171,6 +171,15 @@ def hf_twin(model, method: str, task: Task):
                                  random_loc_seed=config.random_loc_seed, init_weights=config.init == "zeros",
                                  n_frequency_pattern={m: n for m, n in counts.items() if n != config.n_frequency},
                                  target_modules=modules, task_type=task_type)
+    elif method == "shira":
+        twin = peft.ShiraConfig(r=config.r, random_seed=config.random_seed, init_weights=config.init == "zeros",
+                                target_modules=modules, task_type=task_type)
+    elif method == "c3a":  # peftlab rounds each layer's block size down to a common divisor: PEFT takes it as a pattern
+        sizes = {m: config.block_for(m, *model.get_submodule(m).weight.shape) for m in modules}
+        common = max(set(sizes.values()), key=list(sizes.values()).count)
+        twin = peft.C3AConfig(block_size=common, block_size_pattern={m: b for m, b in sizes.items() if b != common},
+                              init_weights=True if config.init == "zeros" else config.init,
+                              target_modules=modules, task_type=task_type)
     elif method == "ln_tuning":
         twin = peft.LNTuningConfig(target_modules=modules, task_type=task_type)
     elif method == "prompt":
