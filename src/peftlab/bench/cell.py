@@ -151,6 +151,9 @@ def hf_twin(model, method: str, task: Task):
         twin = peft.BOFTConfig(boft_block_size=0 if config.block_num else (config.block_size or 4),
                                boft_block_num=config.block_num, boft_n_butterfly_factor=config.n_butterfly_factor,
                                boft_dropout=config.dropout, target_modules=modules, task_type=task_type)
+    elif method == "hra":
+        twin = peft.HRAConfig(r=config.r, apply_GS=config.gram_schmidt, init_weights=config.init == "symmetric",
+                              target_modules=modules, task_type=task_type)
     elif method == "ln_tuning":
         twin = peft.LNTuningConfig(target_modules=modules, task_type=task_type)
     elif method == "prompt":

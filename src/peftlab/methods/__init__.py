@@ -41,6 +41,7 @@ METHOD_FILES = (
     "fourierft",
     "oft",
     "boft",
+    "hra",
     "qalora",
     "diff_pruning",
     "fishmask",
