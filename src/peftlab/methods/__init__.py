@@ -42,6 +42,7 @@ METHOD_FILES = (
     "oft",
     "boft",
     "hra",
+    "miss",
     "qalora",
     "diff_pruning",
     "fishmask",
