@@ -199,6 +199,23 @@ def test_bad_settings_are_config_errors(spec, match):
         peftlab.attach(make_llama(), spec)
 
 
+
+@pytest.mark.parametrize("spec", ["hra[r=4]", "hra[r=4,gram_schmidt=true,init=random]"])
+def test_a_bfloat16_base_trains_and_merges(spec, ids):
+    """CPU has no half-precision QR or solves: those small pieces run in float32, the rest in bfloat16."""
+    model = randomize(peftlab.attach(make_llama().to(torch.bfloat16), spec))
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    a = adapter(model)
+    assert a.hra_u.dtype == torch.bfloat16 and a.hra_u.grad.abs().max() > 0
+    model.eval()
+    unmerged = logits(model, ids).float()
+    W = model.get_submodule(Q0).base_layer.weight.detach().clone()
+    peftlab.merge(model)
+    torch.testing.assert_close(logits(model, ids).float(), unmerged, rtol=0, atol=2e-2)
+    peftlab.unmerge(model)
+    torch.testing.assert_close(model.get_submodule(Q0).base_layer.weight, W, rtol=0, atol=5e-3)
+
 def test_gpt2_conv1d_is_refused_clearly():
     with pytest.raises(peftlab.ConfigError, match="Conv1D.*nn.Linear layers only"):
         peftlab.attach(make_gpt2(), "hra")

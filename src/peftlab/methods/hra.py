@@ -63,6 +63,7 @@ DEFAULT_LR = 6e-3
 # pretrained weight scale it trains (as OFT, methods/oft.py)
 EXAMPLE_MODEL_SETTINGS = {"initializer_range": 0.2}
 INITS = ("symmetric", "random")
+LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 @dataclass
@@ -100,8 +101,11 @@ def chain_factors(u: torch.Tensor, gram_schmidt: bool = False) -> tuple[torch.Te
     (in x r). Plain: ``Y`` the unit columns, ``S = (I/2 + strict_upper(Y^T Y))^{-1}`` (upper
     triangular). Gram-Schmidt: ``Y`` orthonormal (QR of ``u``: the same span, column by column,
     as Gram-Schmidt; signs do not matter to ``Y Y^T``), ``S = 2 I``."""
-    r = u.shape[1]
-    eye = torch.eye(r, device=u.device, dtype=u.dtype)
+    dtype = u.dtype
+    if dtype in LOW_PRECISION:  # CPU QR and triangular solves have no half-precision kernels: r x r work, float32
+        Y, S = chain_factors(u.float(), gram_schmidt)
+        return Y.to(dtype), S.to(dtype)
+    eye = torch.eye(u.shape[1], device=u.device, dtype=dtype)
     if gram_schmidt:
         return torch.linalg.qr(u).Q, 2 * eye
     Y = u / torch.linalg.vector_norm(u, dim=0)
@@ -175,17 +179,18 @@ class HraLinear(nn.Module):
         Y, S = self.factors()
         return base(reflect_inputs(x.to(Y.dtype), Y, S).to(x.dtype))
 
-    def merge(self, base: nn.Module) -> None:
-        with torch.no_grad():
+    def _reflect_base(self, base: nn.Module, inverse: bool) -> None:
+        with torch.no_grad():  # in float32 at least, as PEFT merges half-precision weights
             W = base_weight(base)
-            Y, S = self.factors()
-            set_base_weight(base, reflect_weight(W.to(Y.dtype), Y, S).to(W.dtype))
+            u = self.hra_u.float() if self.hra_u.dtype in LOW_PRECISION else self.hra_u
+            Y, S = chain_factors(u, self.gram_schmidt)
+            set_base_weight(base, reflect_weight(W.to(Y.dtype), Y, S, inverse).to(W.dtype))
+
+    def merge(self, base: nn.Module) -> None:
+        self._reflect_base(base, inverse=False)
 
     def unmerge(self, base: nn.Module) -> None:
-        with torch.no_grad():
-            W = base_weight(base)
-            Y, S = self.factors()
-            set_base_weight(base, reflect_weight(W.to(Y.dtype), Y, S, inverse=True).to(W.dtype))
+        self._reflect_base(base, inverse=True)
 
     def detach_from(self, base: nn.Module) -> None:
         """Nothing to give back: the adapter never changed the base."""

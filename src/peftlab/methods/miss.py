@@ -162,11 +162,14 @@ class MissLinear(nn.Module):
     def _base_weight(self) -> torch.Tensor:
         return base_weight(self.__dict__["_base_ref"]).to(self.miss_block.dtype)
 
+    def _delta(self, W: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+        if self.init == "bat":
+            return bat_delta(W, block)
+        return tiled_delta(shared_shard(block, self.out_features, self.init), self.in_features)
+
     def delta_weight(self) -> torch.Tensor:
         """``W' - W`` for the unmerged base (bat reads the base weight)."""
-        if self.init == "bat":
-            return bat_delta(self._base_weight(), self.miss_block)
-        return tiled_delta(shared_shard(self.miss_block, self.out_features, self.init), self.in_features)
+        return self._delta(self._base_weight() if self.init == "bat" else None, self.miss_block)
 
     def forward(self, x, base_out):
         block = self.miss_block
@@ -183,22 +186,25 @@ class MissLinear(nn.Module):
         return F.linear(x, base.weight + self.delta_weight(), base.bias)
 
     def merge(self, base: nn.Module) -> None:
-        with torch.no_grad():
+        with torch.no_grad():  # in float32 at least, as PEFT merges half-precision weights
             W = base_weight(base)
-            set_base_weight(base, (W.to(self.miss_block.dtype) + self.delta_weight()).to(W.dtype))
+            work, block = W.to(_work_dtype(self.miss_block)), self.miss_block.to(_work_dtype(self.miss_block))
+            set_base_weight(base, (work + self._delta(work, block)).to(W.dtype))
 
     def unmerge(self, base: nn.Module) -> None:
         with torch.no_grad():
             W = base_weight(base)
-            merged = W.to(self.miss_block.dtype)
-            if self.init == "bat":
-                restored = bat_undo(merged, self.miss_block)
-            else:
-                restored = merged - self.delta_weight()
+            merged, block = W.to(_work_dtype(self.miss_block)), self.miss_block.to(_work_dtype(self.miss_block))
+            # bat: W from W' by a blockwise solve (CPU has none in half precision)
+            restored = bat_undo(merged, block) if self.init == "bat" else merged - self._delta(None, block)
             set_base_weight(base, restored.to(W.dtype))
 
     def detach_from(self, base: nn.Module) -> None:
         """Nothing to give back: the adapter never changed the base."""
+
+
+def _work_dtype(block: torch.Tensor) -> torch.dtype:
+    return torch.float32 if block.dtype in (torch.float16, torch.bfloat16) else block.dtype
 
 
 # ---- method protocol -------------------------------------------------------------------------
