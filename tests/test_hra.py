@@ -281,3 +281,12 @@ def test_tensors_that_contradict_the_config_are_a_format_error(tmp_path):
     with pytest.raises(peftlab.IncompatibleBaseError, match="another base model"):
         (tmp_path / "adapter_config.json").write_text(json.dumps(config))
         peftlab.load(make_bert(), tmp_path)
+
+
+def test_peftlab_info_reads_the_file(tmp_path):
+    from peftlab.cli import adapter_info
+
+    peftlab.save(peftlab.attach(make_llama(), "hra[r=4,targets=[q_proj,down_proj]]"), tmp_path)
+    info = adapter_info(tmp_path)
+    assert info["method"] == "hra" and info["peft_type"] == "HRA" and info["adapted_modules"] == 4
+    assert info["adapter_parameters"] == 2 * (32 + 64) * 4

@@ -290,3 +290,12 @@ def test_bad_files_are_format_errors(tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "init_weights": "bat", "r": 12}))
     with pytest.raises(peftlab.AdapterFormatError, match="r=12 does not divide"):
         peftlab.load(make_llama(), tmp_path)
+
+
+def test_peftlab_info_reads_the_file(tmp_path):
+    from peftlab.cli import adapter_info
+
+    peftlab.save(peftlab.attach(make_llama(), "miss[r=8,init=bat,targets=[q_proj,down_proj]]"), tmp_path)
+    info = adapter_info(tmp_path)
+    assert info["method"] == "miss" and info["peft_type"] == "MISS" and info["adapted_modules"] == 4
+    assert info["adapter_parameters"] == 2 * (32 // 8 + 32 // 8) * 8 * 8

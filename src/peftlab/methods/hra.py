@@ -9,12 +9,12 @@ Householder reflections, as in HF PEFT::
 Each ``H_i`` is orthogonal, so ``H`` is too: every output neuron's weight row is turned by the same
 ``H``, and the angles and norms of the rows (``W' W'^T = W W^T``) are the pretrained layer's, as
 in OFT, for ``r x in`` trained numbers (PEFT's ``hra_u``, in x r). The paper's other reading:
-``W H - W = -W Y S Y^T`` has rank at most ``r``, an adaptive low-rank update. peftlab computes
-the chain in that compact form (the "compact WY" / UT form of a product of reflections, Joffrain
-et al. 2006): with ``Y`` the unit vectors and ``T = I/2 + strict_upper(Y^T Y)`` (r x r),
-``H = I - Y T^{-1} Y^T``. So the layer never forms an in x in matrix: its extra cost is that of a
-rank-r LoRA (``x Y``, an r x r triangle, ``(W Y)^T``), where PEFT builds ``H`` by ``r`` dense
-products and multiplies it into ``W`` at every call.
+``W H - W`` has rank at most ``r``, an adaptive low-rank update. peftlab computes the chain in
+that form (the "compact WY" / UT form of a product of reflections, Joffrain et al. 2006): with
+``Y`` the unit vectors (in x r) and ``T = I/2 + strict_upper(Y^T Y)`` (r x r, upper triangular),
+``H = I - Y T^{-1} Y^T`` and ``W H - W = -(W Y) T^{-1} Y^T``. So the layer never forms an
+in x in matrix: its extra work is about a rank-r LoRA's (``x Y``, an r x r triangle, ``W Y``),
+where PEFT builds ``H`` by ``r`` dense in x in products and multiplies it into ``W`` at every call.
 
 Init (PEFT's ``init_weights=True``, peftlab's ``init=symmetric``): the ``r/2`` vectors drawn
 (Kaiming uniform) are each used twice in a row, ``u_{2k-1} = u_{2k}``; a reflection is its own
@@ -34,8 +34,8 @@ Reads and writes HF PEFT's ``HRA`` format exactly (``formats/hf_hra.py``). Diffe
   pairs leave Gram-Schmidt nothing to orthogonalise (PEFT then divides rounding noise by its norm,
   and its layer at step 0 is neither the base nor orthogonal), and ``I - 2 Q Q^T`` is never the
   identity anyway: use ``init=random`` with it;
-- the paper's soft regulariser ``lambda ||I - U^T U||^2`` is not offered (PEFT has none either);
-  ``gram_schmidt`` is the hard form;
+- the paper's soft regulariser ``lambda ||I - U^T U||^2`` is not offered (PEFT has none either;
+  as a training hook it would also keep HRA out of ``train_many``); ``gram_schmidt`` is the hard form;
 - ``nn.Linear`` only (quantized linear bases included); PEFT's ``Conv2d`` layers and GPT-2's
   ``Conv1D`` are refused clearly.
 """

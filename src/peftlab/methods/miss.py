@@ -9,9 +9,9 @@ and every shard receives the same trained update, one ``r x out`` matrix ``D`` (
     delta W x     = D^T (x_1 + x_2 + ... + x_{in/r})     x_k: the k-th r-wide slice of x
 
 so the forward sums the input's slices (a width that is not a multiple of ``r`` is zero-padded,
-as in PEFT) and makes one ``r x out`` product: a single trained matrix, cheaper than LoRA's two
-at the same rank, with no initialization to compute. It starts at zero (the base
-model at step 0) and is linear, so it merges. Variants (PEFT's ``init_weights``):
+as in PEFT) and makes one ``r x out`` product: a single trained matrix (``r out`` numbers where
+a rank-r LoRA trains ``r (in + out)``), with no initialization to compute. It starts at zero
+(the base model at step 0) and is linear, so it merges. Variants (PEFT's ``init_weights``):
 
 - ``init=balance`` (PEFT's default ``True``): the above;
 - ``init=mini``: ``D`` is itself one ``r x mini_r`` block repeated along the outputs
