@@ -180,6 +180,14 @@ def hf_twin(model, method: str, task: Task):
         twin = peft.C3AConfig(block_size=common, block_size_pattern={m: b for m, b in sizes.items() if b != common},
                               init_weights=True if config.init == "zeros" else config.init,
                               target_modules=modules, task_type=task_type)
+    elif method == "hra":
+        twin = peft.HRAConfig(r=config.r, apply_GS=config.gram_schmidt, init_weights=config.init == "symmetric",
+                              target_modules=modules, task_type=task_type)
+    elif method == "miss":  # PEFT refuses r above a layer's width (peftlab narrows that layer): at most the narrowest
+        narrowest = min(model.get_submodule(m).in_features for m in modules)
+        twin = peft.MissConfig(r=min(config.r, narrowest), miss_dropout=config.dropout, mini_r=config.mini_r,
+                               init_weights={"balance": True, "random": False}.get(config.init, config.init),
+                               target_modules=modules, task_type=task_type)
     elif method == "ln_tuning":
         twin = peft.LNTuningConfig(target_modules=modules, task_type=task_type)
     elif method == "prompt":

@@ -46,6 +46,8 @@ METHOD_FILES = (
     "boft",
     "road",
     "delora",
+    "hra",
+    "miss",
     "qalora",
     "diff_pruning",
     "fishmask",
