@@ -151,6 +151,13 @@ def hf_twin(model, method: str, task: Task):
         twin = peft.BOFTConfig(boft_block_size=0 if config.block_num else (config.block_size or 4),
                                boft_block_num=config.block_num, boft_n_butterfly_factor=config.n_butterfly_factor,
                                boft_dropout=config.dropout, target_modules=modules, task_type=task_type)
+    elif method == "vblora":  # peftlab's unset vector_length: the length it would choose from these modules' widths
+        from ..methods.vblora import auto_vector_length
+        widths = [w for m in modules for w in model.get_submodule(m).weight.shape]
+        twin = peft.VBLoRAConfig(r=config.r, num_vectors=config.num_vectors, topk=config.topk,
+                                 vector_length=config.vector_length or auto_vector_length(widths),
+                                 vblora_dropout=config.dropout, init_vector_bank_bound=config.init_vector_bank_bound,
+                                 init_logits_std=config.init_logits_std, target_modules=modules, task_type=task_type)
     elif method == "ln_tuning":
         twin = peft.LNTuningConfig(target_modules=modules, task_type=task_type)
     elif method == "prompt":

@@ -38,6 +38,7 @@ METHOD_FILES = (
     "loha",
     "lokr",
     "vera",
+    "vblora",
     "fourierft",
     "oft",
     "boft",
