@@ -743,8 +743,8 @@ def read_adapter_header(adapter) -> tuple[dict, dict]:
 
 
 # where an HF PEFT tensor name turns from the module's path into the method's own parameter
-ADAPTER_TENSOR = re.compile(r"\.(?=(?:lora|hada|lokr|ia3|vera_lambda|vblora_logits|fourierft|oft|boft)_)")
-SHARED_FROZEN = ("base_model.vera_A", "base_model.vera_B")  # VeRA's one random pair, saved but never trained
+ADAPTER_TENSOR = re.compile(r"\.(?=(?:lora|hada|lokr|ia3|vera_lambda|vblora_logits|randlora(?=_lambda|_gamma)|fourierft|oft|boft)_)")
+SHARED_FROZEN = ("base_model.vera_A", "base_model.vera_B", "base_model.randlora_A", "base_model.randlora_B")  # VeRA's and RandLoRA's random pair, saved, never trained
 
 
 def adapter_info(adapter) -> dict:

@@ -158,6 +158,11 @@ def hf_twin(model, method: str, task: Task):
                                  vector_length=config.vector_length or auto_vector_length(widths),
                                  vblora_dropout=config.dropout, init_vector_bank_bound=config.init_vector_bank_bound,
                                  init_logits_std=config.init_logits_std, target_modules=modules, task_type=task_type)
+    elif method == "randlora":
+        twin = peft.RandLoraConfig(r=config.r, randlora_alpha=config.alpha, randlora_dropout=config.dropout,
+                                   projection_prng_key=config.projection_prng_key, save_projection=config.save_projection,
+                                   sparse=config.sparse, very_sparse=config.very_sparse,
+                                   init_weights=config.init == "default", target_modules=modules, task_type=task_type)
     elif method == "ln_tuning":
         twin = peft.LNTuningConfig(target_modules=modules, task_type=task_type)
     elif method == "prompt":

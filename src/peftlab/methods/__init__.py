@@ -39,6 +39,7 @@ METHOD_FILES = (
     "lokr",
     "vera",
     "vblora",
+    "randlora",
     "fourierft",
     "oft",
     "boft",
