@@ -278,3 +278,25 @@ def test_tensors_that_contradict_the_config_are_a_format_error(tmp_path):
     with pytest.raises(peftlab.AdapterFormatError, match="do not belong together"):
         peftlab.load(fresh, tmp_path)
     assert not [m for m in fresh.modules() if isinstance(m, AdapterLayer)]
+
+
+def test_peftlab_info_reads_the_file(tmp_path):
+    from peftlab import cli
+
+    model = peftlab.attach(make_llama(), "randlora[r=8,targets=[k_proj,v_proj,down_proj]]")
+    peftlab.save(model, tmp_path)
+    info = cli.adapter_info(tmp_path)
+    assert info["peft_type"] == "RANDLORA" and info["adapted_modules"] == 6
+    assert info["parameters"] == peftlab.summary(model)["adapters"]["default"]  # the frozen bases are not counted
+
+
+def test_peftlab_info_of_a_peft_file_leaves_out_its_per_layer_copies_of_the_bases(tmp_path):
+    from peftlab import cli
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(make_llama(), peft.RandLoraConfig(r=8, target_modules=["q_proj"]))
+        theirs.save_pretrained(str(tmp_path))
+    assert "base_model.model.model.layers.0.self_attn.q_proj.randlora_A" in load_file(tmp_path / "adapter_model.safetensors")
+    info = cli.adapter_info(tmp_path)
+    assert info["adapted_modules"] == 2 and info["parameters"] == 2 * (8 * 4 + 4 * 32)

@@ -293,3 +293,13 @@ def test_tensors_that_contradict_the_config_are_clear_errors(tmp_path, change, e
     with pytest.raises(error, match="do not belong together|does not divide"):
         peftlab.load(fresh, tmp_path)
     assert not [m for m in fresh.modules() if isinstance(m, AdapterLayer)]
+
+
+def test_peftlab_info_reads_the_file(tmp_path):
+    from peftlab import cli
+
+    model = peftlab.attach(make_llama(), "vblora[targets=[k_proj,v_proj,down_proj]]")
+    peftlab.save(model, tmp_path)
+    info = cli.adapter_info(tmp_path)
+    assert info["peft_type"] == "VBLORA" and info["adapted_modules"] == 6
+    assert info["parameters"] == peftlab.summary(model)["adapters"]["default"]  # the bank once, plus the logits

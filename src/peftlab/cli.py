@@ -744,7 +744,8 @@ def read_adapter_header(adapter) -> tuple[dict, dict]:
 
 # where an HF PEFT tensor name turns from the module's path into the method's own parameter
 ADAPTER_TENSOR = re.compile(r"\.(?=(?:lora|hada|lokr|ia3|vera_lambda|vblora_logits|randlora(?=_lambda|_gamma)|fourierft|oft|boft)_)")
-SHARED_FROZEN = ("base_model.vera_A", "base_model.vera_B", "base_model.randlora_A", "base_model.randlora_B")  # VeRA's and RandLoRA's random pair, saved, never trained
+# VeRA's and RandLoRA's random pair: saved (by PEFT's RandLoRA also under every layer), never trained
+SHARED_FROZEN = ("vera_A", "vera_B", "randlora_A", "randlora_B")
 
 
 def adapter_info(adapter) -> dict:
@@ -770,7 +771,7 @@ def adapter_info(adapter) -> dict:
         modules = sorted({parts[0].removeprefix("base_model.model.") for parts in found if len(parts) > 1})
     other_params = sum(math.prod(t["shape"]) for n, t in tensors.items() if is_saved_module(n))
     adapter_params = sum(math.prod(t["shape"]) for n, t in tensors.items()
-                         if not is_saved_module(n) and n not in SHARED_FROZEN)
+                         if not is_saved_module(n) and n.rsplit(".", 1)[-1] not in SHARED_FROZEN)
     size = sum(math.prod(t["shape"]) * SAFETENSORS_DTYPE_BYTES.get(t["dtype"], 4) for t in tensors.values())
     peft_type = hf.get("peft_type", "?")
     if configs:
