@@ -78,7 +78,7 @@ class RandLoraConfig(MethodConfig):
 
     method: ClassVar[str] = "randlora"
     r: int = 32
-    alpha: float = 640.0
+    alpha: float = 640  # written as PEFT writes it (an integer) unless set otherwise
     dropout: float = 0.0
     projection_prng_key: int = 0
     save_projection: bool = True
