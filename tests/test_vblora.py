@@ -210,7 +210,7 @@ def test_two_vblora_adapters_have_their_own_banks():
 
 @pytest.mark.parametrize("setting,match", [("r=0", "r must"), ("topk=0", "topk"), ("topk=9,num_vectors=8", "exceed"),
                                            ("num_vectors=1", "num_vectors"), ("vector_length=0", "vector_length"),
-                                           ("dropout=1.5", "dropout"), ("init_logits_std=-1", "init_logits_std"),
+                                           ("dropout=1.5", "dropout"), ("init_logits_std=-1", "init_logits_std"), ("init_vector_bank_bound=0", "zero bank"),
                                            ("save_only_topk_weights=2", "save_only_topk_weights"),
                                            ("colour=3", "unknown setting")])
 def test_bad_settings_are_config_errors(setting, match):

@@ -102,10 +102,12 @@ class VBLoRAConfig(MethodConfig):
                               f"(chosen from the widths), got {self.vector_length!r}")
         if not (_is_number(self.dropout) and 0.0 <= self.dropout < 1.0):
             raise ConfigError(f"vblora: dropout must be in [0, 1), got {self.dropout!r}")
-        for key in ("init_vector_bank_bound", "init_logits_std"):
-            value = getattr(self, key)
-            if not (_is_number(value) and math.isfinite(value) and value >= 0):
-                raise ConfigError(f"vblora: {key} must be a finite number >= 0, got {value!r}")
+        bound, std = self.init_vector_bank_bound, self.init_logits_std
+        if not (_is_number(bound) and math.isfinite(bound) and bound > 0):
+            raise ConfigError(f"vblora: init_vector_bank_bound must be a finite number > 0 (a zero bank makes A, B and every "
+                              f"gradient zero), got {bound!r}; the paper's is 0.02")
+        if not (_is_number(std) and math.isfinite(std) and std >= 0):
+            raise ConfigError(f"vblora: init_logits_std must be a finite number >= 0, got {std!r}")
         if not isinstance(self.save_only_topk_weights, bool):
             raise ConfigError(f"vblora: save_only_topk_weights must be true or false, got {self.save_only_topk_weights!r}")
 
