@@ -151,6 +151,7 @@ def hf_twin(model, method: str, task: Task):
         twin = peft.BOFTConfig(boft_block_size=0 if config.block_num else (config.block_size or 4),
                                boft_block_num=config.block_num, boft_n_butterfly_factor=config.n_butterfly_factor,
                                boft_dropout=config.dropout, target_modules=modules, task_type=task_type)
+<<<<<<< HEAD
     elif method == "road":  # peftlab's automatic group size, which must be one for all layers in PEFT
         sizes = {config.group_size_for(model.get_submodule(m).out_features, m) for m in modules}
         if len(sizes) != 1:
@@ -188,6 +189,20 @@ def hf_twin(model, method: str, task: Task):
         twin = peft.MissConfig(r=min(config.r, narrowest), miss_dropout=config.dropout, mini_r=config.mini_r,
                                init_weights={"balance": True, "random": False}.get(config.init, config.init),
                                target_modules=modules, task_type=task_type)
+=======
+    elif method == "vblora":  # peftlab's unset vector_length: the length it would choose from these modules' widths
+        from ..methods.vblora import auto_vector_length
+        widths = [w for m in modules for w in model.get_submodule(m).weight.shape]
+        twin = peft.VBLoRAConfig(r=config.r, num_vectors=config.num_vectors, topk=config.topk,
+                                 vector_length=config.vector_length or auto_vector_length(widths),
+                                 vblora_dropout=config.dropout, init_vector_bank_bound=config.init_vector_bank_bound,
+                                 init_logits_std=config.init_logits_std, target_modules=modules, task_type=task_type)
+    elif method == "randlora":
+        twin = peft.RandLoraConfig(r=config.r, randlora_alpha=config.alpha, randlora_dropout=config.dropout,
+                                   projection_prng_key=config.projection_prng_key, save_projection=config.save_projection,
+                                   sparse=config.sparse, very_sparse=config.very_sparse,
+                                   init_weights=config.init == "default", target_modules=modules, task_type=task_type)
+>>>>>>> i16-vblora-randlora
     elif method == "ln_tuning":
         twin = peft.LNTuningConfig(target_modules=modules, task_type=task_type)
     elif method == "prompt":

@@ -39,6 +39,8 @@ METHOD_FILES = (
     "lokr",
     "gralora",
     "vera",
+    "vblora",
+    "randlora",
     "fourierft",
     "waveft",
     "c3a",
