@@ -746,15 +746,11 @@ def read_adapter_header(adapter) -> tuple[dict, dict]:
 
 
 # where an HF PEFT tensor name turns from the module's path into the method's own parameter
-<<<<<<< HEAD
-ADAPTER_TENSOR = re.compile(r"\.(?=(?:lora|hada|lokr|ia3|vera_lambda|fourierft|oft|boft|road|delora|gralora|waveft|shira|c3a|hra|miss)_)")
-SHARED_FROZEN = ("base_model.vera_A", "base_model.vera_B")  # VeRA's one random pair, saved but never trained
-INTEGER_DTYPES = ("I64", "I32", "I16", "I8", "U8", "BOOL")  # masks and positions, not trained numbers
-=======
-ADAPTER_TENSOR = re.compile(r"\.(?=(?:lora|hada|lokr|ia3|vera_lambda|vblora_logits|randlora(?=_lambda|_gamma)|fourierft|oft|boft)_)")
+ADAPTER_TENSOR = re.compile(r"\.(?=(?:lora|hada|lokr|ia3|vera_lambda|vblora_logits|randlora(?=_lambda|_gamma)|fourierft|oft|boft"
+                            r"|road|delora|gralora|waveft|shira|c3a|hra|miss)_)")
 # VeRA's and RandLoRA's random pair: saved (by PEFT's RandLoRA also under every layer), never trained
 SHARED_FROZEN = ("vera_A", "vera_B", "randlora_A", "randlora_B")
->>>>>>> i16-vblora-randlora
+INTEGER_DTYPES = ("I64", "I32", "I16", "I8", "U8", "BOOL")  # masks and positions, not trained numbers
 
 
 def adapter_info(adapter) -> dict:
@@ -779,13 +775,9 @@ def adapter_info(adapter) -> dict:
         found = (ADAPTER_TENSOR.split(name, 1) for name in tensors if not is_saved_module(name))
         modules = sorted({parts[0].removeprefix("base_model.model.") for parts in found if len(parts) > 1})
     other_params = sum(math.prod(t["shape"]) for n, t in tensors.items() if is_saved_module(n))
-<<<<<<< HEAD
     adapter_params = sum(math.prod(t["shape"]) for n, t in tensors.items()  # integer tensors are positions (SHiRA's)
-                         if not is_saved_module(n) and n not in SHARED_FROZEN and t["dtype"] not in INTEGER_DTYPES)
-=======
-    adapter_params = sum(math.prod(t["shape"]) for n, t in tensors.items()
-                         if not is_saved_module(n) and n.rsplit(".", 1)[-1] not in SHARED_FROZEN)
->>>>>>> i16-vblora-randlora
+                         if not is_saved_module(n) and n.rsplit(".", 1)[-1] not in SHARED_FROZEN
+                         and t["dtype"] not in INTEGER_DTYPES)
     size = sum(math.prod(t["shape"]) * SAFETENSORS_DTYPE_BYTES.get(t["dtype"], 4) for t in tensors.values())
     peft_type = hf.get("peft_type", "?")
     if configs:

@@ -151,7 +151,6 @@ def hf_twin(model, method: str, task: Task):
         twin = peft.BOFTConfig(boft_block_size=0 if config.block_num else (config.block_size or 4),
                                boft_block_num=config.block_num, boft_n_butterfly_factor=config.n_butterfly_factor,
                                boft_dropout=config.dropout, target_modules=modules, task_type=task_type)
-<<<<<<< HEAD
     elif method == "road":  # peftlab's automatic group size, which must be one for all layers in PEFT
         sizes = {config.group_size_for(model.get_submodule(m).out_features, m) for m in modules}
         if len(sizes) != 1:
@@ -189,7 +188,6 @@ def hf_twin(model, method: str, task: Task):
         twin = peft.MissConfig(r=min(config.r, narrowest), miss_dropout=config.dropout, mini_r=config.mini_r,
                                init_weights={"balance": True, "random": False}.get(config.init, config.init),
                                target_modules=modules, task_type=task_type)
-=======
     elif method == "vblora":  # peftlab's unset vector_length: the length it would choose from these modules' widths
         from ..methods.vblora import auto_vector_length
         widths = [w for m in modules for w in model.get_submodule(m).weight.shape]
@@ -202,7 +200,6 @@ def hf_twin(model, method: str, task: Task):
                                    projection_prng_key=config.projection_prng_key, save_projection=config.save_projection,
                                    sparse=config.sparse, very_sparse=config.very_sparse,
                                    init_weights=config.init == "default", target_modules=modules, task_type=task_type)
->>>>>>> i16-vblora-randlora
     elif method == "ln_tuning":
         twin = peft.LNTuningConfig(target_modules=modules, task_type=task_type)
     elif method == "prompt":
