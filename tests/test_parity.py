@@ -33,6 +33,8 @@ OWN_FILES = {"PROMPT_TUNING": ("test_prompt_peft.py", "PromptTuningConfig"),
              "P_TUNING": ("test_prompt_peft.py", "PromptEncoderConfig"),
              "PREFIX_TUNING": ("test_prompt_peft.py", "PrefixTuningConfig"),
              "ADAPTION_PROMPT": ("test_prompt_peft.py", "AdaptionPromptConfig")}
+# where a default fits no single PEFT file on the tiny model (a per-layer size PEFT's config holds once)
+TINY_SETTINGS = {"miss": "miss[r=16]", "road": "road[group_size=16]"}
 SHARED = [r for r in parity.type_rows({}) if r["files"]]
 WEIGHT_TYPES = [r for r in SHARED if r["hf"] not in OWN_FILES]
 
@@ -75,7 +77,7 @@ def factory(method):
     return lambda: make_llama(**getattr(METHODS[method], "EXAMPLE_MODEL_SETTINGS", {}))
 
 
-def moved(parameters, seed=0, std=0.05):
+def moved(parameters, seed=0, std=0.02):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in parameters:
@@ -86,16 +88,17 @@ def moved(parameters, seed=0, std=0.05):
                          ids=[r["hf"] for r in WEIGHT_TYPES])
 def test_files_move_both_ways_at_the_twins_settings(peft_type, method, ids, tmp_path):
     make = factory(method)
-    ours = peftlab.attach(make(), method)
+    spec = TINY_SETTINGS.get(method, method)
+    ours = peftlab.attach(make(), spec)
     moved([p for _, a in core.all_adapters(ours) for p in a.parameters() if p.requires_grad])
     peftlab.save(ours, tmp_path / "ours")
-    torch.testing.assert_close(peft_logits(make, tmp_path / "ours", ids), logits(ours, ids), rtol=0, atol=1e-5)
+    torch.testing.assert_close(peft_logits(make, tmp_path / "ours", ids), logits(ours, ids), rtol=1e-5, atol=1e-5)
 
     task = SimpleNamespace(kind="causal-lm", total_steps=100)
-    twin = hf_twin(make(), method, task)  # the PeftModel the benchmark trains
+    twin = hf_twin(make(), method, task, spec)  # the PeftModel the benchmark trains
     trainable = [p for p in twin.parameters() if p.requires_grad]
     assert sum(p.numel() for p in trainable) == sum(p.numel() for p in ours.parameters() if p.requires_grad)
     moved(trainable, seed=1)
     twin.save_pretrained(tmp_path / "twin")
     expected = logits(twin.eval(), ids)
-    torch.testing.assert_close(logits(peftlab.load(make(), tmp_path / "twin"), ids), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits(peftlab.load(make(), tmp_path / "twin"), ids), expected, rtol=1e-5, atol=1e-5)

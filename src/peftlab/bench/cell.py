@@ -100,15 +100,16 @@ def datasets(task: Task, tokenizer, train_rows, eval_rows, label2id):
 
 # ---- HF PEFT twins ---------------------------------------------------------------------------
 
-def hf_twin(model, method: str, task: Task):
-    """HF PEFT's version of ``method`` with peftlab's default settings and the same target modules."""
+def hf_twin(model, method: str, task: Task, spec: str | None = None):
+    """HF PEFT's version of ``method`` with peftlab's default settings (or those of ``spec``, a spec
+    string of that method) and the same target modules."""
     import peft
 
     from ..core.adapters import build_configs
     from ..core.targets import find_targets
     from ..methods import get_method
 
-    config = build_configs(method)[0]
+    config = build_configs(spec or method)[0]
     kind = get_method(method)
     task_type = "SEQ_CLS" if task.kind == "classification" else "CAUSAL_LM"
     modules = find_targets(model, config, kind.can_wrap) if hasattr(kind, "can_wrap") else None
