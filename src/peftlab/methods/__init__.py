@@ -39,6 +39,7 @@ METHOD_FILES = (
     "lokr",
     "vera",
     "fourierft",
+    "trainable_tokens",
     "oft",
     "boft",
     "qalora",
