@@ -259,3 +259,10 @@ def test_quantized_embeddings_are_refused_clearly():
     peftlab.quantize(model, "nf4", embeddings=True)
     with pytest.raises(peftlab.ConfigError, match="full-precision nn.Embedding"):
         peftlab.attach(model, SPEC)
+
+
+def test_the_benchmark_skips_it_without_token_ids():
+    from peftlab.bench import grid
+    from peftlab.bench.tasks import TASKS
+
+    assert "token ids" in grid.skip_reason(grid.Cell(TASKS["sst2"], "trainable_tokens", 0))

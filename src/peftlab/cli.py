@@ -743,7 +743,7 @@ def read_adapter_header(adapter) -> tuple[dict, dict]:
 
 
 # where an HF PEFT tensor name turns from the module's path into the method's own parameter
-ADAPTER_TENSOR = re.compile(r"\.(?=(?:lora|hada|lokr|ia3|vera_lambda|fourierft|oft|boft|trainable_tokens)_)")
+ADAPTER_TENSOR = re.compile(r"\.(?=(?:lora|hada|lokr|ia3|vera_lambda|fourierft|oft|boft|trainable_tokens|poly)_)")
 SHARED_FROZEN = ("base_model.vera_A", "base_model.vera_B")  # VeRA's one random pair, saved but never trained
 
 

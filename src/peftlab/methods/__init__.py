@@ -39,6 +39,7 @@ METHOD_FILES = (
     "lokr",
     "vera",
     "fourierft",
+    "poly",
     "trainable_tokens",
     "oft",
     "boft",
