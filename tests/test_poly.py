@@ -14,7 +14,6 @@ from conftest import logits, make_bert, make_llama
 
 import peftlab
 from peftlab.core.layer import AdapterLayer
-from peftlab.methods import poly
 
 Q0, DOWN0 = "model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"
 

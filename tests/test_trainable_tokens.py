@@ -36,7 +36,7 @@ def rows(model, name="model.embed_tokens"):
     return model.get_submodule(name).adapters["default"]
 
 
-def effective_table(model, ids=None) -> torch.Tensor:
+def effective_table(model) -> torch.Tensor:
     """The table the model now uses: each token's embedding output, read back through the layer."""
     table = model.get_input_embeddings()
     with torch.no_grad():
@@ -89,7 +89,7 @@ def test_tied_head_reads_the_same_rows():
 
 
 def test_an_untied_head_named_as_a_target_gets_rows_of_its_own():
-    model = randomize(peftlab.attach(make_llama(), f"trainable_tokens[token_indices=[3,4],targets=[embed_tokens,lm_head]]"))
+    model = randomize(peftlab.attach(make_llama(), "trainable_tokens[token_indices=[3,4],targets=[embed_tokens,lm_head]]"))
     emb, head = rows(model), rows(model, "lm_head")
     assert not head.tied and head.trainable_tokens_delta is not emb.trainable_tokens_delta
     h = torch.randn(2, 32)

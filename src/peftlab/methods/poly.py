@@ -141,7 +141,8 @@ def poly_tasks(model: nn.Module, task_ids):
     set once for every forward inside the block, including each step of ``generate``."""
     holder = model.__dict__.get(HOLDER)
     if holder is None or not any(isinstance(a, PolyLinear) for a in model.modules()):
-        raise StateError("poly_tasks: this model has no Poly adapter; attach one first (peftlab.attach(model, 'poly[n_tasks=4]'))")
+        raise StateError("poly_tasks: this model has no Poly adapter; attach one first "
+                         "(peftlab.attach(model, 'poly[n_tasks=4]'))")
     ids = torch.as_tensor(task_ids)
     if ids.dim() != 1 or not len(ids) or ids.is_floating_point() or ids.dtype == torch.bool:
         raise ConfigError(f"poly_tasks: give one integer task id per batch row (a list or 1-D tensor), got {task_ids!r}")
