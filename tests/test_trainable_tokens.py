@@ -266,3 +266,15 @@ def test_the_benchmark_skips_it_without_token_ids():
     from peftlab.bench.tasks import TASKS
 
     assert "token ids" in grid.skip_reason(grid.Cell(TASKS["sst2"], "trainable_tokens", 0))
+
+
+def test_the_padding_row_gets_no_gradient_as_in_an_embedding():
+    """Token 0 is the tiny Llama's padding id: trained here like in PEFT (its value is used, its gradient is zero)."""
+    model = randomize(peftlab.attach(make_llama(), "trainable_tokens[token_indices=[0,3]]"))
+    model.train()
+    batch = torch.tensor([[0, 3, 0, 3, 5]])
+    model(input_ids=batch, labels=batch).loss.backward()
+    grad = rows(model).trainable_tokens_delta.grad
+    assert torch.count_nonzero(grad[0]) == 0 and torch.count_nonzero(grad[1]) > 0
+    table = effective_table(model)
+    torch.testing.assert_close(table[0], rows(model).trainable_tokens_delta[0].detach(), rtol=0, atol=0)

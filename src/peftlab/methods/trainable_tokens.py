@@ -104,11 +104,12 @@ def replaced_rows(table: torch.Tensor, token_ids: torch.Tensor, values: torch.Te
 
 
 def embed_with_rows(ids: torch.Tensor, base_out: torch.Tensor, positions: torch.Tensor, values: torch.Tensor,
-                    scale=None) -> torch.Tensor:
+                    scale=None, pad_row=None) -> torch.Tensor:
     """The embedding output with each chosen id's vector replaced by its row of ``values``
-    (``positions[id]``: the row of an id, -1 for an id that is not chosen)."""
+    (``positions[id]``: the row of an id, -1 for an id that is not chosen). ``pad_row``: the row
+    of the table's padding id, which gets no gradient (as the padding row of ``nn.Embedding``)."""
     pos = positions[ids]
-    new = F.embedding(pos.clamp(min=0), values)
+    new = F.embedding(pos.clamp(min=0), values, padding_idx=pad_row)
     if scale is not None:  # embeddings that scale their output (Gemma's sqrt(dim))
         new = new * scale.to(new.dtype)
     return torch.where((pos >= 0).unsqueeze(-1), new.to(base_out.dtype), base_out)
@@ -142,6 +143,8 @@ class TrainableTokens(nn.Module):
             positions = torch.full((vocab,), -1, dtype=torch.long, device=weight.device)
             self.register_buffer("positions", positions.index_copy(0, ids, torch.arange(len(ids), device=weight.device)),
                                  persistent=False)
+            pad = base.padding_idx
+            self.pad_row = token_ids.index(pad) if pad is not None and pad in token_ids else None
             scale = getattr(base, "embed_scale", None)
             self.register_buffer("embed_scale", None if scale is None else torch.as_tensor(scale).detach().clone(),
                                  persistent=False)
@@ -165,7 +168,7 @@ class TrainableTokens(nn.Module):
 
     def layer_output(self, x, base_out, bias=None):
         if self.is_embedding:
-            return embed_with_rows(x, base_out, self.positions, self.values, self.embed_scale)
+            return embed_with_rows(x, base_out, self.positions, self.values, self.embed_scale, self.pad_row)
         return head_with_rows(x, base_out, self.token_ids, self.values, bias)
 
     def forward(self, x, base_out):
