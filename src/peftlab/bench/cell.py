@@ -201,6 +201,21 @@ def hf_twin(model, method: str, task: Task, spec: str | None = None):
                                    projection_prng_key=config.projection_prng_key, save_projection=config.save_projection,
                                    sparse=config.sparse, very_sparse=config.very_sparse,
                                    init_weights=config.init == "default", target_modules=modules, task_type=task_type)
+    elif method == "poly":  # PEFT's layers want task_ids in every call (at n_tasks=1 every row is task 0) and 3-D
+        modules = [m for m in modules if not m.endswith("pooler.dense")]  # inputs (bmm): BERT's pooler gets 2-D ones
+        twin = peft.get_peft_model(model, peft.PolyConfig(r=config.r, n_tasks=config.n_tasks, n_skills=config.n_skills,
+                                                          n_splits=config.n_splits, init_weights=config.init == "zeros",
+                                                          target_modules=modules, task_type=task_type))
+
+        def first_task(layer, args, kwargs):
+            if kwargs.get("task_ids") is None:
+                kwargs["task_ids"] = torch.zeros(args[0].shape[0], dtype=torch.long, device=args[0].device)
+            return args, kwargs
+
+        for layer in twin.modules():
+            if isinstance(layer, peft.tuners.poly.layer.Linear):
+                layer.register_forward_pre_hook(first_task, with_kwargs=True)
+        return twin
     elif method == "ln_tuning":
         twin = peft.LNTuningConfig(target_modules=modules, task_type=task_type)
     elif method == "prompt":

@@ -21,6 +21,7 @@ from ..core.targets import named_base_modules
 from ..errors import AdapterFormatError, IncompatibleBaseError
 from ..methods.dora import DoraConfig
 from ..methods.lora import LoraConfig, base_weight, replicate_layers
+from . import hf_trainable_tokens
 from .hf_common import PREFIX, target_names
 
 PEFT_TYPES = ("LORA",)
@@ -129,8 +130,13 @@ def from_hf(model: nn.Module, hf: dict, tensors: dict, name: str, source) -> Non
     base_names = [n for n, _ in named_base_modules(model)]
     config.modules_to_save = [m for m in dict.fromkeys(config.modules_to_save)
                               if any(n == m or n.endswith("." + m) for n in base_names)]
-    core.attach(model, config, name=name)
+    tokens, rows = hf_trainable_tokens.lora_token_config(hf, tensors, source)  # trainable_token_indices
+    core.attach(model, [config, tokens] if tokens else config, name=name)
+    if tokens:
+        hf_trainable_tokens.load_rows(model, name, tokens, rows, source)
     for module_name, layer in core.adapter_layers(model, name):
+        if module_name not in per_module:
+            continue  # a table whose token rows are loaded above
         local = per_module[module_name]
         adapter = layer.adapters[name]
         expected = {k: tuple(v.shape) for k, v in adapter.state_dict().items()}

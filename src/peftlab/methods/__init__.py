@@ -44,6 +44,8 @@ METHOD_FILES = (
     "fourierft",
     "waveft",
     "c3a",
+    "poly",
+    "trainable_tokens",
     "oft",
     "boft",
     "road",

@@ -22,8 +22,21 @@ def default_param_count(method_name: str) -> int:
         model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M))
         for name, spec in getattr(METHODS[method_name], "EXAMPLE_PREREQUISITES", {}).items():  # e.g. fusion's task adapters
             attach(model, spec, name=name)
-        attach(model, method_name)
+        attach(model, default_spec(method_name))
     return summary(model)["adapters"]["default"]
+
+
+def default_spec(method_name: str) -> str:
+    """The method at its defaults, or at its ``EXAMPLE_SETTINGS`` where it has a setting without a
+    default (trainable tokens: the token ids)."""
+    from ..core.adapters import build_configs
+    from ..errors import ConfigError
+
+    try:
+        build_configs(method_name)
+        return method_name
+    except ConfigError:
+        return f"{method_name}[{METHODS[method_name].EXAMPLE_SETTINGS}]"
 
 
 CATEGORIES = ("additive", "selective", "reparameterized", "hybrid")  # the survey's taxonomy, in its order
