@@ -112,7 +112,9 @@ def hf_twin(model, method: str, task: Task, spec: str | None = None):
     config = build_configs(spec or method)[0]
     kind = get_method(method)
     task_type = "SEQ_CLS" if task.kind == "classification" else "CAUSAL_LM"
-    modules = find_targets(model, config, kind.can_wrap) if hasattr(kind, "can_wrap") else None
+    choose = getattr(kind, "find_targets", None)  # a method's own target rule, as attach uses it
+    modules = choose(model, config) if choose else find_targets(model, config, kind.can_wrap) if hasattr(kind, "can_wrap") \
+        else None
     if method in ("lora", "dora"):
         twin = peft.LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=modules,
                                use_dora=method == "dora", use_rslora=config.rslora, task_type=task_type)
@@ -216,6 +218,10 @@ def hf_twin(model, method: str, task: Task, spec: str | None = None):
             if isinstance(layer, peft.tuners.poly.layer.Linear):
                 layer.register_forward_pre_hook(first_task, with_kwargs=True)
         return twin
+    elif method == "trainable_tokens":  # PEFT wraps a head tied to the table by itself
+        table = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
+        twin = peft.TrainableTokensConfig(token_indices=list(config.token_indices), target_modules=[table],
+                                          init_weights=config.init == "copy", task_type=task_type)
     elif method == "ln_tuning":
         twin = peft.LNTuningConfig(target_modules=modules, task_type=task_type)
     elif method == "prompt":
