@@ -67,7 +67,8 @@ from ..quant.layers import is_quantized
 CATEGORY = "reparameterized"
 PAPER = "Hu et al., 2022 (arXiv:2106.09685)"
 MERGEABLE = True
-INVALID_SETTINGS = ("r=0", "alpha=-1", "dropout=1.5", "init=svd", "lora_bias=maybe", "lora_bias=true,init=pissa")
+INVALID_SETTINGS = ("r=0", "alpha=-1", "dropout=1.5", "init=svd", "lora_bias=maybe", "lora_bias=true,init=pissa",
+                    "target_parameters=[]", "target_parameters=[w],dropout=0.1")
 INITS = ("default", "gaussian", "pissa", "olora", "loftq")
 BASE_INITS = ("pissa", "olora")  # inits that move part of W into the adapter (saved as plain LoRA of rank 2r)
 
