@@ -161,8 +161,11 @@ def test_base_rewriting_inits_refuse_convs(init):
 
 
 def test_other_methods_still_refuse_convs():
-    with pytest.raises(TargetError, match="Conv2d, which loha cannot wrap"):
-        peftlab.attach(TinyCNN(), "loha[r=2,targets=conv1]")
+    with pytest.raises(TargetError, match="Conv2d, which vera cannot wrap"):
+        peftlab.attach(TinyCNN(), "vera[r=2,targets=conv1]")
+    for method in ("loha", "lokr"):  # Conv1d and Conv2d only, as in PEFT
+        with pytest.raises(TargetError, match=f"Conv3d, which {method} cannot wrap"):
+            peftlab.attach(TinyCNN(), f"{method}[r=2,targets=vol]")
 
 
 def test_routing_rows_are_batch_items(images):
@@ -252,3 +255,64 @@ def test_conv_file_for_another_base_is_refused(images, tmp_path):
     peftlab.save(model, tmp_kernel)
     with pytest.raises(AdapterFormatError, match="conv1"):
         peftlab.load(OtherKernel(), tmp_kernel, check_base=False)
+
+
+# ---- LoHa and LoKr on Conv1d / Conv2d (PEFT's default flattened form) ----------------------------
+
+LYCORIS = [("loha", "LoHaConfig", dict(r=2, alpha=4)), ("lokr", "LoKrConfig", dict(r=2, alpha=4)),
+           ("lokr", "LoKrConfig", dict(r=1, alpha=2, decompose_both=True, decompose_factor=2))]
+
+
+def _lycoris_spec(method, settings, targets="[conv1,conv2,seq]"):
+    return f"{method}[{','.join(f'{k}={v}' for k, v in settings.items())},targets={targets}]"
+
+
+@pytest.mark.parametrize("method,_,settings", LYCORIS)
+def test_lycoris_conv_update_is_a_kernel_and_merges(method, _, settings, images):
+    model = randomize_adapters(peftlab.attach(TinyCNN(), _lycoris_spec(method, settings)), std=0.5)
+    adapter, base = model.conv1.adapters["default"], model.conv1.base_layer
+    assert adapter.delta_weight().shape == base.weight.shape
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(model.conv1(x), F.conv2d(x, base.weight + adapter.delta_weight(), base.bias, padding=1),
+                               rtol=0, atol=1e-5)
+    unmerged = out(model, images)
+    assert not torch.allclose(unmerged, out(TinyCNN(), images), atol=1e-3)
+    peftlab.merge(model)  # grouped conv2 too: the flattened update has the grouped kernel's shape
+    torch.testing.assert_close(out(model, images), unmerged, rtol=0, atol=1e-5)
+    peftlab.unmerge(model)
+    torch.testing.assert_close(out(model, images), unmerged, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method,config,settings", LYCORIS)
+def test_lycoris_conv_files_both_ways_with_peft(method, config, settings, images, tmp_path):
+    peft = pytest.importorskip("peft")
+    kwargs = dict(settings, target_modules=["conv1", "conv2", "seq"], init_weights=False)  # PEFT's all-random init
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(TinyCNN(), getattr(peft, config)(**kwargs)).eval()
+    with torch.no_grad():  # a product of small factors barely moves the outputs: make the update visible
+        for name, p in theirs.named_parameters():
+            if "hada_" in name or "lokr_" in name:
+                p.mul_(4)
+    expected = out(theirs, images)
+    assert not torch.allclose(expected, out(TinyCNN(), images), atol=1e-3)
+    theirs.save_pretrained(tmp_path)
+    ours = peftlab.load(TinyCNN(), tmp_path)
+    torch.testing.assert_close(out(ours, images), expected, rtol=0, atol=1e-5)
+    peftlab.save(ours, tmp_path / "again")
+    torch.testing.assert_close(out(_peft_load(tmp_path / "again"), images), expected, rtol=0, atol=1e-5)
+    model = randomize_adapters(peftlab.attach(TinyCNN(), _lycoris_spec(method, settings)), std=0.5)
+    peftlab.save(model, tmp_path / "ours")
+    torch.testing.assert_close(out(_peft_load(tmp_path / "ours"), images), out(model, images), rtol=0, atol=1e-5)
+
+
+def test_peft_cp_decomposed_conv_files_are_refused(tmp_path):
+    from peftlab.errors import AdapterFormatError
+
+    peft = pytest.importorskip("peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(TinyCNN(), peft.LoHaConfig(r=2, target_modules=["conv1"], use_effective_conv2d=True))
+    theirs.save_pretrained(tmp_path)
+    with pytest.raises(AdapterFormatError, match="use_effective_conv2d"):
+        peftlab.load(TinyCNN(), tmp_path)

@@ -2,7 +2,10 @@
 
 ``adapter_config.json`` is a ``LoraConfig`` as PEFT writes it; ``adapter_model.safetensors`` has
 keys ``base_model.model.<module path>.lora_A.weight``, ``lora_B.weight``, ``lora_B.bias``
-(``lora_bias: true``), ``lora_magnitude_vector`` (DoRA) and ``lora_embedding_A/B`` (embeddings).
+(``lora_bias: true``), ``lora_magnitude_vector`` (DoRA) and ``lora_embedding_A/B`` (embeddings);
+on a convolution ``lora_A.weight`` is (r, in, k...) and ``lora_B.weight`` (out, r / groups, 1...). With
+``target_parameters`` the tensors of a parameter sit under its owning module, one ``base_layer.`` per
+PEFT wrapper nested around it (the first registered parameter innermost: ``methods/lora_params.py``).
 PiSSA and OLoRA adapters are written as the plain LoRA of rank 2r on the original base that PEFT
 writes with ``path_initial_model_for_weight_conversion`` (``init_lora_weights: true``). Such folders load in ``peft``
 (``PeftModel.from_pretrained``) and vLLM, and theirs load here. ``io.py`` does the files, the
