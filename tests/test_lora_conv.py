@@ -56,11 +56,11 @@ def _peft(model, **kwargs):
         return peft.get_peft_model(model, peft.LoraConfig(**kwargs)).eval()
 
 
-def _peft_load(folder):
+def _peft_load(folder, model=None):
     peft = pytest.importorskip("peft")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return peft.PeftModel.from_pretrained(TinyCNN(), str(folder)).eval()
+        return peft.PeftModel.from_pretrained(model if model is not None else TinyCNN(), str(folder)).eval()
 
 
 # ---- the defining property -------------------------------------------------------------------
@@ -316,3 +316,30 @@ def test_peft_cp_decomposed_conv_files_are_refused(tmp_path):
     theirs.save_pretrained(tmp_path)
     with pytest.raises(AdapterFormatError, match="use_effective_conv2d"):
         peftlab.load(TinyCNN(), tmp_path)
+
+
+def _vit(seed=0):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    config = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2, intermediate_size=37, num_labels=3)
+    return transformers.ViTForImageClassification(config).eval()
+
+
+def test_transformers_vit_patch_embedding_both_ways(tmp_path):
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    logits = lambda m: m(pixel_values=pixels).logits.detach()  # noqa: E731
+    targets = ["projection", "query", "value"]
+    theirs = randomize_adapters(_peft(_vit(), r=4, lora_alpha=8, target_modules=targets))
+    assert type(theirs.base_model.model.vit.embeddings.patch_embeddings.projection.base_layer) is nn.Conv2d
+    expected = logits(theirs)
+    assert not torch.allclose(expected, logits(_vit()), atol=1e-3)
+    theirs.save_pretrained(tmp_path)
+    ours = peftlab.load(_vit(), tmp_path)
+    assert isinstance(ours.vit.embeddings.patch_embeddings.projection, AdapterLayer)
+    torch.testing.assert_close(logits(ours), expected, rtol=0, atol=1e-5)
+    peftlab.save(ours, tmp_path / "again")
+    torch.testing.assert_close(logits(_peft_load(tmp_path / "again", _vit())), expected, rtol=0, atol=1e-5)
+    peftlab.merge(ours)
+    torch.testing.assert_close(logits(ours), expected, rtol=0, atol=1e-5)
+
