@@ -157,7 +157,7 @@ def test_bad_settings_are_config_errors(setting, match):
 
 
 def test_gpt2_conv1d_is_refused_clearly():
-    with pytest.raises(peftlab.ConfigError, match="Conv1D.*nn.Linear layers only"):
+    with pytest.raises(peftlab.ConfigError, match="Conv1D.*adapts nn.Linear, nn.Conv1d and nn.Conv2d"):
         peftlab.attach(make_gpt2(), "lokr")
 
 

@@ -773,7 +773,8 @@ def adapter_info(adapter) -> dict:
         modules = sorted({m for entry in hf.get("methods") or [] for m in entry.get("modules") or []})
     else:
         found = (ADAPTER_TENSOR.split(name, 1) for name in tensors if not is_saved_module(name))
-        modules = sorted({parts[0].removeprefix("base_model.model.") for parts in found if len(parts) > 1})
+        modules = sorted({re.sub(r"(\.base_layer)+$", "", parts[0].removeprefix("base_model.model."))  # target_parameters nest
+                          for parts in found if len(parts) > 1})
     other_params = sum(math.prod(t["shape"]) for n, t in tensors.items() if is_saved_module(n))
     adapter_params = sum(math.prod(t["shape"]) for n, t in tensors.items()  # integer tensors are positions (SHiRA's)
                          if not is_saved_module(n) and n.rsplit(".", 1)[-1] not in SHARED_FROZEN

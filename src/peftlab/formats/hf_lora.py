@@ -2,7 +2,10 @@
 
 ``adapter_config.json`` is a ``LoraConfig`` as PEFT writes it; ``adapter_model.safetensors`` has
 keys ``base_model.model.<module path>.lora_A.weight``, ``lora_B.weight``, ``lora_B.bias``
-(``lora_bias: true``), ``lora_magnitude_vector`` (DoRA) and ``lora_embedding_A/B`` (embeddings).
+(``lora_bias: true``), ``lora_magnitude_vector`` (DoRA) and ``lora_embedding_A/B`` (embeddings);
+on a convolution ``lora_A.weight`` is (r, in, k...) and ``lora_B.weight`` (out, r / groups, 1...). With
+``target_parameters`` the tensors of a parameter sit under its owning module, one ``base_layer.`` per
+PEFT wrapper nested around it (the first registered parameter innermost: ``methods/lora_params.py``).
 PiSSA and OLoRA adapters are written as the plain LoRA of rank 2r on the original base that PEFT
 writes with ``path_initial_model_for_weight_conversion`` (``init_lora_weights: true``). Such folders load in ``peft``
 (``PeftModel.from_pretrained``) and vLLM, and theirs load here. ``io.py`` does the files, the
@@ -18,9 +21,9 @@ from torch import nn
 from ..core import adapters as core
 from ..core.state import require_state
 from ..core.targets import named_base_modules
-from ..errors import AdapterFormatError, IncompatibleBaseError
+from ..errors import AdapterFormatError, IncompatibleBaseError, TargetError
 from ..methods.dora import DoraConfig
-from ..methods.lora import LoraConfig, base_weight, replicate_layers
+from ..methods.lora import LoraConfig, base_weight, is_conv, replicate_layers
 from . import hf_trainable_tokens
 from .hf_common import PREFIX, target_names
 
@@ -37,8 +40,15 @@ def writes(configs) -> bool:
 def to_hf(model: nn.Module, name: str, config: LoraConfig) -> tuple[dict, dict]:
     """(adapter_config.json, tensors) of adapter ``name`` as PEFT writes a LoRA."""
     state = require_state(model)
-    tensors, ranks, alphas, modules = {}, {}, {}, {}
+    tensors, ranks, alphas, modules, params = {}, {}, {}, {}, []
     for module_name, layer in core.adapter_layers(model, name):
+        if hasattr(layer.adapters[name], "hf_params"):  # target_parameters: PEFT's nested wrappers' names
+            for pname, local, r, alpha in layer.adapters[name].hf_params():
+                tensors.update({f"{PREFIX}{module_name}.{key}": value for key, value in local.items()})
+                full = f"{module_name}.{pname}"
+                ranks[full], alphas[full] = r, alpha
+                params.append(full)
+            continue
         local, r, alpha = layer.adapters[name].hf_state()
         for key, value in local.items():
             tensors[f"{PREFIX}{module_name}.{key}"] = value
@@ -66,6 +76,7 @@ def to_hf(model: nn.Module, name: str, config: LoraConfig) -> tuple[dict, dict]:
         "layer_replication": getattr(config, "layer_replication", None),
         "layers_pattern": None,
         "exclude_modules": None,
+        "target_parameters": params or None,
     }
     return hf, tensors
 
@@ -94,6 +105,7 @@ def config_from_hf(hf: dict, modules: list) -> LoraConfig:
             modules_to_save=list(hf.get("modules_to_save") or []),
             lora_bias=hf.get("lora_bias") or False,
             layer_replication=hf.get("layer_replication") or None,
+            target_parameters=hf.get("target_parameters") or None,
         )
         config.validate()
     except (TypeError, ValueError) as error:
@@ -121,6 +133,14 @@ def from_hf(model: nn.Module, hf: dict, tensors: dict, name: str, source) -> Non
     per_module, _ = split_keys(tensors)
     if not per_module:
         raise AdapterFormatError(f"{source}: the weights file holds no LoRA tensors")
+    owners = {}
+    if hf.get("target_parameters"):  # PEFT nests a wrapper per parameter: <module>(.base_layer)*.lora_A.weight
+        owners = _parameter_owners(model, hf, source)
+        for path in sorted(per_module, key=len, reverse=True):
+            owner = re.sub(r"(\.base_layer)+$", "", path)
+            if owner in owners:
+                prefix = path[len(owner) + 1:] + "." if path != owner else ""
+                owners[owner].update({prefix + k: v for k, v in per_module.pop(path).items()})
     config = config_from_hf(hf, list(per_module))
     if config.layer_replication is not None:  # the saved module paths are those of the replicated layers
         replicate_layers(model, config.layer_replication)
@@ -135,16 +155,34 @@ def from_hf(model: nn.Module, hf: dict, tensors: dict, name: str, source) -> Non
     if tokens:
         hf_trainable_tokens.load_rows(model, name, tokens, rows, source)
     for module_name, layer in core.adapter_layers(model, name):
+        adapter = layer.adapters[name]
+        if module_name in owners:
+            adapter.load_hf(owners[module_name], source, module_name)
+            continue
         if module_name not in per_module:
             continue  # a table whose token rows are loaded above
         local = per_module[module_name]
-        adapter = layer.adapters[name]
         expected = {k: tuple(v.shape) for k, v in adapter.state_dict().items()}
         found = {k: tuple(v.shape) for k, v in local.items()}
         if expected != found:
             raise AdapterFormatError(f"{source}: tensors for '{module_name}' are {found}, but the config "
                                      f"(r, use_dora) implies {expected}; the config and weights do not belong together")
         adapter.load_state_dict(local)
+
+
+def _parameter_owners(model, hf: dict, source) -> dict:
+    """``{module name: {}}`` for the modules whose parameters the file's ``target_parameters`` name."""
+    from ..methods.lora_params import matched_parameters
+
+    wanted = hf["target_parameters"]
+    if not (isinstance(wanted, list) and all(isinstance(t, str) and t for t in wanted)):
+        raise AdapterFormatError(f"{source}: target_parameters must be a list of parameter names, got {wanted!r}")
+    probe = LoraConfig(targets=[], target_parameters=list(wanted))
+    try:
+        found = matched_parameters(model, probe)
+    except TargetError as error:
+        raise IncompatibleBaseError(f"{source} was saved for another base model: {error}") from None
+    return {module_name: {} for module_name in found}
 
 
 def _check_shapes(model, per_module: dict, adapter_dir) -> None:
@@ -157,14 +195,18 @@ def _check_shapes(model, per_module: dict, adapter_dir) -> None:
         )
     for module_name, local in per_module.items():
         module = modules[module_name]
+        dims = 2
         if isinstance(module, nn.Embedding):
             want = (module.embedding_dim, module.num_embeddings)
             pair = ("lora_embedding_B", "lora_embedding_A")
+        elif is_conv(module):  # (out, r, 1...) and (r, in, k...): compare channels; the kernel by the state dict
+            want, dims = (module.out_channels, module.in_channels), module.weight.dim()
+            pair = ("lora_B.weight", "lora_A.weight")
         else:
             want = tuple(base_weight(module).shape)
             pair = ("lora_B.weight", "lora_A.weight")
         got = None
-        if all(k in local and local[k].dim() == 2 for k in pair):
+        if all(k in local and local[k].dim() == dims for k in pair):
             got = (local[pair[0]].shape[0], local[pair[1]].shape[1])
         if got is None:
             raise AdapterFormatError(f"{adapter_dir}: '{module_name}' has an incomplete set of tensors {sorted(local)}")

@@ -8,8 +8,9 @@
 ``.lokr_w1`` (LoKr: ``lokr_w1`` or ``lokr_w1_a/b``, ``lokr_w2`` or ``lokr_w2_a/b``), which are
 the peftlab modules' own parameter names, so a module's state dict is its part of the file. Which
 LoKr factors are full and which are rank-r pairs follows from the config (``methods/lokr.py``);
-a file whose tensors disagree with its config is a format error. Linear layers only: PEFT's
-convolution tensors (``hada_t1``, ``lokr_t2``) are refused clearly.
+a file whose tensors disagree with its config is a format error. Linear layers, and Conv1d/Conv2d
+in PEFT's default flattened form; PEFT's CP-decomposed convolution tensors (``use_effective_conv2d``:
+``hada_t1``, ``lokr_t2``) are refused clearly.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from ..core import adapters as core
 from ..core.state import require_state
 from ..core.targets import named_base_modules
 from ..errors import AdapterFormatError, ConfigError, IncompatibleBaseError
-from ..methods.loha import LohaConfig
+from ..methods.loha import CONVS, LohaConfig
 from ..methods.lokr import LokrConfig
 from .hf_common import PREFIX, linear_modules, target_names
 
@@ -113,8 +114,9 @@ def split_keys(tensors: dict, peft_type: str, source) -> dict:
             raise AdapterFormatError(f"{source}: unexpected tensor name {key!r}: keys should start with {PREFIX!r}")
         module_name, _, local = key[len(PREFIX):].rpartition(".")
         if local in CONV_KEYS:
-            raise AdapterFormatError(f"{source}: '{module_name}' holds PEFT's convolution tensors ({local}, "
-                                     "use_effective_conv2d); peftlab's LoHa and LoKr adapt nn.Linear layers only")
+            raise AdapterFormatError(f"{source}: '{module_name}' holds PEFT's CP-decomposed convolution tensors ({local}, "
+                                     "use_effective_conv2d=true); peftlab's LoHa and LoKr take convolutions in PEFT's "
+                                     "default flattened form only: save the adapter with use_effective_conv2d=false")
         if local in KEYS[peft_type]:
             per_module.setdefault(module_name, {})[local] = value
     return per_module
@@ -146,11 +148,16 @@ def from_hf(model: nn.Module, hf: dict, tensors: dict, name: str, source) -> Non
 
 
 def _check_modules(model: nn.Module, per_module: dict, source) -> None:
-    modules = linear_modules(model, per_module, source, "LoHa/LoKr")
+    convs = {n for n, m in named_base_modules(model) if n in per_module and isinstance(m, CONVS)}
+    modules = linear_modules(model, {m: v for m, v in per_module.items() if m not in convs}, source, "LoHa/LoKr")
+    modules.update({n: m for n, m in named_base_modules(model) if n in convs})
     for module_name in per_module:
         module = modules[module_name]
         local = per_module[module_name]
-        out_features, in_features = module.out_features, module.in_features
+        if module_name in convs:  # the flattened kernel: (out x in/groups * k...)
+            out_features, in_features = module.weight.shape[0], module.weight[0].numel()
+        else:  # (a quantized linear's weight is packed)
+            out_features, in_features = module.out_features, module.in_features
         got = _dense_shape(local)
         if got is not None and got != (out_features, in_features):
             raise IncompatibleBaseError(f"{source} was saved for a base whose '{module_name}' is {got[0]}x{got[1]}, but "
@@ -165,8 +172,8 @@ def _dense_shape(local: dict):
     sides = []
     for which in ("w1", "w2"):
         full, a, b = (local.get(f"lokr_{which}{s}") for s in ("", "_a", "_b"))
-        if full is not None and full.dim() == 2:
-            sides.append(tuple(full.shape))
+        if full is not None and full.dim() >= 2:  # LoKr's full w2 of a conv keeps the kernel: (out_k, in_n, k...)
+            sides.append((full.shape[0], full[0].numel()))
         elif a is not None and b is not None:
             sides.append((a.shape[0], b.shape[-1]))
         else:

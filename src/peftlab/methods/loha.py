@@ -27,9 +27,12 @@ Reads and writes HF PEFT's ``LOHA`` format exactly (``formats/hf_lycoris.py``): 
 carry PEFT's names (``hada_w1_a`` ...), and ``r``, ``alpha``, ``rank_pattern``, ``alpha_pattern``,
 ``rank_dropout``, ``module_dropout`` mean what they mean there. Differences from HF PEFT:
 - defaults are PEFT's (r=8, alpha=8) except ``targets``, which is peftlab's ``all-linear``;
-- ``nn.Linear`` only (as in the LLM case of PEFT; quantized linear bases included): GPT-2's
-  ``Conv1D``, which PEFT's LoHa does not take either, and ``Conv2d`` / ``Conv1d`` (PEFT's CP
-  decomposition, ``use_effective_conv2d``) are refused with a clear error;
+- ``nn.Linear`` (quantized linear bases included), ``nn.Conv1d`` and ``nn.Conv2d`` named in ``targets``
+  (``all-linear`` stays linear-only): a convolution gets PEFT's default flattened form, the update
+  (out x in/groups * k...) reshaped to the base kernel, run with the base's stride, padding, dilation,
+  groups and padding mode (PEFT's unmerged forward ignores a non-zero padding mode; here merged equals
+  unmerged there too). PEFT's CP decomposition (``use_effective_conv2d``, ``hada_t1/t2``) is refused
+  with a clear error, and GPT-2's ``Conv1D``, which PEFT's LoHa does not take either;
 - PEFT's ``init_weights=False`` (all four factors random: not the base at step 0) has no setting here;
 - rank dropout draws one keep-mask over the update's output rows per call and rescales it by its
   mean, as PEFT does; module dropout skips the whole adapter for a call in training, as PEFT does.
@@ -147,16 +150,21 @@ def module_dropped(module: nn.Module, p: float) -> bool:
 # ---- module ----------------------------------------------------------------------------------
 
 class LohaLinear(MergesDelta, nn.Module):
-    """LoHa for ``nn.Linear``: returns ``s ((W1a W1b) * (W2a W2b)) x``."""
+    """LoHa for ``nn.Linear``: returns ``s ((W1a W1b) * (W2a W2b)) x``. On ``nn.Conv1d`` / ``Conv2d`` (PEFT's
+    default, ``use_effective_conv2d=False``) the same (out x in/groups * k...) update is reshaped to the
+    base's kernel and applied as a convolution with the base's geometry."""
 
     def __init__(self, base: nn.Module, r: int, alpha: float, rank_dropout: float = 0.0, module_dropout: float = 0.0):
         super().__init__()
-        out_features, in_features = base_weight(base).shape
         w = base.weight
+        self.kernel_shape = tuple(w.shape) if isinstance(base, CONVS) else None
+        out_features, in_features = (w.shape[0], w[0].numel()) if self.kernel_shape else base_weight(base).shape
+        if self.kernel_shape:
+            self.__dict__["_base_ref"] = base  # a plain reference, not a submodule: its geometry runs the update
         dtype = w.dtype if w.dtype.is_floating_point else torch.float32
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
         self.rank_dropout, self.module_dropout = rank_dropout, module_dropout
-        self.factored = factored_is_cheaper(out_features, in_features, r)
+        self.factored = self.kernel_shape is None and factored_is_cheaper(out_features, in_features, r)
 
         def new(*shape):
             return nn.Parameter(torch.empty(*shape, device=w.device, dtype=dtype))
@@ -172,9 +180,12 @@ class LohaLinear(MergesDelta, nn.Module):
         return self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b
 
     def delta_weight(self) -> torch.Tensor:
-        return delta_weight(*self._parts(), self.scaling)
+        delta = delta_weight(*self._parts(), self.scaling)
+        return delta if self.kernel_shape is None else delta.view(self.kernel_shape)
 
     def forward(self, x, base_out):
+        if self.kernel_shape is not None:
+            return self._conv_forward(x, base_out)
         if module_dropped(self, self.module_dropout):
             return x.new_zeros(*x.shape[:-1], self.hada_w1_a.shape[0])
         if self.factored:
@@ -184,6 +195,14 @@ class LohaLinear(MergesDelta, nn.Module):
             out = F.linear(x, self.delta_weight())
         if self.training and self.rank_dropout > 0:
             out = out * row_dropout(out.shape[-1], self.rank_dropout, True, out)
+        return out
+
+    def _conv_forward(self, x, base_out):
+        if module_dropped(self, self.module_dropout):
+            return torch.zeros_like(base_out)
+        out = self.__dict__["_base_ref"]._conv_forward(x, self.delta_weight(), None)
+        if self.training and self.rank_dropout > 0:  # over output channels
+            out = out * row_dropout(out.shape[1], self.rank_dropout, True, out).view(1, -1, *([1] * (out.dim() - 2)))
         return out
 
     def fused_forward(self, base: nn.Module, x):
@@ -203,16 +222,19 @@ class LohaLinear(MergesDelta, nn.Module):
 Config = LohaConfig
 
 
+CONVS = (nn.Conv1d, nn.Conv2d)  # what PEFT's LoHa and LoKr take besides nn.Linear
+
+
 def refuse_non_linear(method: str, module: nn.Module, name: str) -> None:
-    if not isinstance(module, nn.Linear):
-        raise ConfigError(f"{method}: '{name}' is a {type(module).__name__}; peftlab's {method} adapts nn.Linear layers only "
-                          "(HF PEFT's takes no GPT-2 Conv1D either; Conv1d/Conv2d are not supported yet); "
+    if not isinstance(module, (nn.Linear, *CONVS)):
+        raise ConfigError(f"{method}: '{name}' is a {type(module).__name__}; peftlab's {method} adapts nn.Linear, nn.Conv1d "
+                          "and nn.Conv2d layers (HF PEFT's takes no GPT-2 Conv1D or Conv3d either); "
                           "leave it out with 'exclude' or choose other targets")
 
 
 def can_wrap(module: nn.Module) -> bool:
     # Conv1D is matched too, so that naming one gives the clear refusal of make_adapter, not "nothing matched"
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    return isinstance(module, (nn.Linear, *CONVS)) or type(module).__name__ == "Conv1D"
 
 
 def make_adapter(module: nn.Module, config: LohaConfig, name: str) -> nn.Module:

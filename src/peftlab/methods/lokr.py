@@ -19,9 +19,13 @@ carry PEFT's names (``lokr_w1``, ``lokr_w2_a`` ...) and the shapes and the choic
 and factored matrices follow PEFT's rules for ``nn.Linear``, so files move both ways. Differences
 from HF PEFT:
 - defaults are PEFT's (r=8, alpha=8, decompose_factor=-1) except ``targets``: peftlab's ``all-linear``;
-- ``nn.Linear`` only (quantized linear bases included): GPT-2's ``Conv1D`` (which PEFT's LoKr
-  does not take either) and ``Conv1d`` / ``Conv2d`` (PEFT's ``use_effective_conv2d``) are refused
-  with a clear error;
+- ``nn.Linear`` (quantized linear bases included), ``nn.Conv1d`` and ``nn.Conv2d`` named in ``targets``:
+  a convolution gets PEFT's default flattened form (``W1`` on the channel factors; ``W2`` full as
+  (b, d, k...) or a rank-r pair (b x r)(r x d k...)), the update laid out exactly as PEFT lays it out
+  (for a Conv1d with a full ``W2`` that is torch.kron's broadcast, reshaped: not channel-aligned, but
+  what PEFT's files mean) and run with the base's geometry. PEFT's CP decomposition
+  (``use_effective_conv2d``, ``lokr_t2``) is refused clearly, and GPT-2's ``Conv1D`` (which PEFT's
+  LoKr does not take either);
 - PEFT's ``init_weights=False`` (every factor random: not the base at step 0) has no setting here;
 - rank dropout and module dropout behave as in PEFT (a keep-mask over the update's output rows per
   call, rescaled by its mean with ``rank_dropout_scale``; the adapter skipped for a call).
@@ -39,7 +43,8 @@ from ..core.config import MethodConfig
 from ..errors import ConfigError
 from .krona import kron_apply
 from .lora import MergesDelta, _pattern_value, base_weight
-from .loha import module_dropped, refuse_non_linear, row_dropout, validate_lycoris
+from .loha import CONVS, module_dropped, refuse_non_linear, row_dropout, validate_lycoris
+from .loha import can_wrap as loha_can_wrap
 
 CATEGORY = "reparameterized"
 PAPER = "Yeh et al., 2023 (arXiv:2309.14859)"
@@ -130,14 +135,20 @@ def delta_weight(w1: torch.Tensor, w2: torch.Tensor, scale: float) -> torch.Tens
 # ---- module ----------------------------------------------------------------------------------
 
 class LokrLinear(MergesDelta, nn.Module):
-    """LoKr for ``nn.Linear``: returns ``s (W1 kron W2) x`` without forming the product."""
+    """LoKr for ``nn.Linear``: returns ``s (W1 kron W2) x`` without forming the product; on a Conv1d /
+    Conv2d the update kernel is formed and run with the base's geometry."""
 
     def __init__(self, base: nn.Module, r: int, alpha: float, decompose_factor: int = -1, decompose_both: bool = False,
                  init: str = "default", rank_dropout: float = 0.0, rank_dropout_scale: bool = False,
                  module_dropout: float = 0.0):
         super().__init__()
-        out_features, in_features = base_weight(base).shape
         w = base.weight
+        self.kernel_shape = tuple(w.shape) if isinstance(base, CONVS) else None
+        if self.kernel_shape:  # PEFT's flattened conv: W1 on (out, in/groups) factors, W2 carries the kernel
+            out_features, in_features, kernel = w.shape[0], w.shape[1], tuple(w.shape[2:])
+            self.__dict__["_base_ref"] = base  # a plain reference, not a submodule: its geometry runs the update
+        else:
+            (out_features, in_features), kernel = base_weight(base).shape, ()
         dtype = w.dtype if w.dtype.is_floating_point else torch.float32
         self.r, self.alpha, self.scaling, self.init = r, alpha, alpha / r, init
         self.rank_dropout, self.rank_dropout_scale, self.module_dropout = rank_dropout, rank_dropout_scale, module_dropout
@@ -153,9 +164,9 @@ class LokrLinear(MergesDelta, nn.Module):
         else:
             self.lokr_w1 = new(a, c)
         if w2_factored:
-            self.lokr_w2_a, self.lokr_w2_b = new(b, r), new(r, d)
+            self.lokr_w2_a, self.lokr_w2_b = new(b, r), new(r, d * math.prod(kernel))
         else:
-            self.lokr_w2 = new(b, d)
+            self.lokr_w2 = new(b, d, *kernel)
         zeroed = {"default": ("lokr_w1", "lokr_w1_a"), "lycoris": ("lokr_w2", "lokr_w2_b")}[init]
         with torch.no_grad():
             for name, p in self.named_parameters():
@@ -173,9 +184,24 @@ class LokrLinear(MergesDelta, nn.Module):
         return self._factor("w1"), self._factor("w2")
 
     def delta_weight(self) -> torch.Tensor:
-        return delta_weight(*self.factors(), self.scaling)
+        if self.kernel_shape is None:
+            return delta_weight(*self.factors(), self.scaling)
+        # PEFT's convolution update, laid out as PEFT lays it out (so files mean the same): a 4D W2 is
+        # paired with W1 as (a, c, 1, 1); otherwise torch.kron's own broadcasting, then the kernel's shape
+        w1, w2 = self.factors()
+        if w2.dim() == 4:
+            w1 = w1[:, :, None, None]
+        return (torch.kron(w1, w2) * self.scaling).reshape(self.kernel_shape)
 
     def forward(self, x, base_out):
+        if self.kernel_shape is not None:
+            if module_dropped(self, self.module_dropout):
+                return torch.zeros_like(base_out)
+            out = self.__dict__["_base_ref"]._conv_forward(x, self.delta_weight(), None)
+            if self.training and self.rank_dropout > 0:  # over output channels
+                keep = row_dropout(out.shape[1], self.rank_dropout, self.rank_dropout_scale, out)
+                out = out * keep.view(1, -1, *([1] * (out.dim() - 2)))
+            return out
         if module_dropped(self, self.module_dropout):
             return x.new_zeros(*x.shape[:-1], self.out_features)
         out = kron_apply(x, *self.factors()) * self.scaling
@@ -189,9 +215,7 @@ class LokrLinear(MergesDelta, nn.Module):
 Config = LokrConfig
 
 
-def can_wrap(module: nn.Module) -> bool:
-    # Conv1D is matched too, so that naming one gives the clear refusal of make_adapter, not "nothing matched"
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+can_wrap = loha_can_wrap  # nn.Linear, nn.Conv1d, nn.Conv2d; Conv1D matched to be refused clearly
 
 
 def make_adapter(module: nn.Module, config: LokrConfig, name: str) -> nn.Module:

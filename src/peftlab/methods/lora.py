@@ -26,6 +26,9 @@ Variants here:
   chose together with the quantized weights (``quant/loftq.py``), so quantized base + LoRA starts
   near the full-precision model instead of at the quantized one.
 - per-module ranks and alphas through ``rank_pattern`` / ``alpha_pattern``.
+- ``target_parameters`` (HF PEFT's option): LoRA on raw ``nn.Parameter``s that are no module's
+  weight, e.g. a mixture-of-experts layer's (experts x d1 x d2) stack, a rank-r pair per expert
+  (``lora_params.py``).
 - ``layer_replication`` (HF PEFT's option, as in its ``replicate_layers``): ``[[0, 4], [2, 5]]``
   rebuilds the decoder's layers as ``0 1 2 3 2 3 4``, every copy sharing the base weights of the layer
   it copies and getting its own LoRA, so a deeper model is fine-tuned for the parameters of a LoRA.
@@ -35,7 +38,14 @@ Variants here:
 On a quantized base (``peftlab.quant``) merging dequantizes, adds and requantizes (see
 ``base_weight`` / ``set_base_weight``, which every method's merge goes through).
 
-Wraps ``nn.Linear``, ``nn.Embedding`` and GPT-2's ``Conv1D`` (weight stored as in x out).
+Wraps ``nn.Linear``, ``nn.Embedding``, GPT-2's ``Conv1D`` (weight stored as in x out) and
+``nn.Conv1d/2d/3d`` (named in ``targets``; ``all-linear`` stays linear-only). On a convolution, as in
+HF PEFT, ``lora_A`` is a convolution with the base's kernel into r channels and ``lora_B`` a 1x1
+convolution back (see ``LoraConv``). Deliberate difference: peftlab's ``lora_A`` also takes the base's
+dilation and padding mode, where PEFT's uses dilation 1 and zero padding: with a dilated or non-zero
+padded base, PEFT's unmerged output is not what its merged kernel computes (or fails on a shape
+mismatch), while here merged equals unmerged. The two agree on every other convolution, and files are
+the same either way.
 """
 from __future__ import annotations
 
@@ -57,7 +67,8 @@ from ..quant.layers import is_quantized
 CATEGORY = "reparameterized"
 PAPER = "Hu et al., 2022 (arXiv:2106.09685)"
 MERGEABLE = True
-INVALID_SETTINGS = ("r=0", "alpha=-1", "dropout=1.5", "init=svd", "lora_bias=maybe", "lora_bias=true,init=pissa")
+INVALID_SETTINGS = ("r=0", "alpha=-1", "dropout=1.5", "init=svd", "lora_bias=maybe", "lora_bias=true,init=pissa",
+                    "target_parameters=[]", "target_parameters=[w],dropout=0.1")
 INITS = ("default", "gaussian", "pissa", "olora", "loftq")
 BASE_INITS = ("pissa", "olora")  # inits that move part of W into the adapter (saved as plain LoRA of rank 2r)
 
@@ -65,6 +76,8 @@ BASE_INITS = ("pissa", "olora")  # inits that move part of W into the adapter (s
 @dataclass
 class LoraConfig(MethodConfig):
     """r: rank; alpha: scale numerator; dropout on the adapter input; rslora: alpha/sqrt(r);
+    target_parameters: raw parameters to adapt (MoE expert stacks, ``lora_params.py``), by name or dotted
+    suffix, e.g. ``[experts.gate_up_proj]``; with ``targets=[]`` only those;
     init: default (B = 0), gaussian, pissa, olora, or loftq (on a LoftQ-quantized base); rank_pattern /
     alpha_pattern: per-module overrides keyed by a module-name suffix or regex, e.g. ``{"mlp.down_proj": 4}``;
     lora_bias: a trainable bias on lora_B (HF PEFT's ``lora_bias``); layer_replication: ``[start, end)``
@@ -80,9 +93,27 @@ class LoraConfig(MethodConfig):
     alpha_pattern: dict = field(default_factory=dict)
     lora_bias: bool = False
     layer_replication: list | None = None
+    target_parameters: list | None = None
 
     def validate(self) -> None:
-        super().validate()
+        if isinstance(self.target_parameters, str):
+            self.target_parameters = [self.target_parameters]
+        if self.target_parameters is not None:
+            if not (isinstance(self.target_parameters, (list, tuple)) and self.target_parameters
+                    and all(isinstance(t, str) and t for t in self.target_parameters)):
+                raise ConfigError(f"{self.method}: target_parameters must be a list of parameter names (or dotted suffixes), "
+                                  f"e.g. [experts.gate_up_proj]; got {self.target_parameters!r}")
+            if self.targets in ([], (), None):  # only the parameters: the module targets may be empty
+                self.targets = "all-linear"
+                try:
+                    super().validate()
+                finally:
+                    self.targets = []
+            else:
+                super().validate()
+            self._validate_target_parameters()
+        else:
+            super().validate()
         for key in ("rank_pattern", "alpha_pattern"):
             value = getattr(self, key)
             if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
@@ -123,6 +154,17 @@ class LoraConfig(MethodConfig):
         if self.lora_bias and self.init not in ("default", "gaussian"):
             raise ConfigError(f"{self.method}: lora_bias=true works with init=default or gaussian only (as in HF PEFT), "
                               f"got init={self.init}")
+
+    def _validate_target_parameters(self) -> None:
+        if self.method != "lora":
+            raise ConfigError(f"{self.method}: target_parameters is supported by lora only (as in HF PEFT)")
+        refused = [f"{key}={value}" for key, value, fine in (
+            ("dropout", self.dropout, self.dropout == 0), ("lora_bias", self.lora_bias, not self.lora_bias),
+            ("init", self.init, self.init in ("default", "gaussian"))) if not fine]
+        if refused:
+            raise ConfigError(f"{self.method}: target_parameters does not work with {', '.join(refused)} (as in HF PEFT: a "
+                              "parameter's update cannot take dropout on the input, a bias, or a base-rewriting init); "
+                              "use dropout=0, lora_bias=false, init=default or gaussian")
 
     def rank_for(self, module_name: str) -> int:
         return _pattern_value(self.rank_pattern, module_name, self.r)
@@ -352,6 +394,80 @@ class LoraLinear(MergesDelta, nn.Module):
         return {"lora_A.weight": A2, "lora_B.weight": B2}, 2 * self.r, alpha2
 
 
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def is_conv(module: nn.Module) -> bool:
+    """``nn.Conv1d`` / ``Conv2d`` / ``Conv3d`` (not GPT-2's ``Conv1D``, which is a linear layer)."""
+    return isinstance(module, CONV_TYPES)
+
+
+def conv_delta_weight(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """The kernel of ``B o A`` (a 1x1 conv after a k x k one): ``s * B[o, c] A[c, i, k...]`` summed over
+    the rank c, in the base kernel's (out, in, k...) layout."""
+    return (B.flatten(1) @ A.flatten(1)).view(B.shape[0], *A.shape[1:]) * scale
+
+
+class LoraConv(LoraLinear):
+    """LoRA for ``nn.Conv1d/2d/3d``: ``lora_A`` is a convolution with the base's kernel size, stride,
+    padding, dilation and padding mode into r channels, ``lora_B`` a 1x1 convolution back to the base's
+    output channels (grouped like the base), so ``s * B(A(x))`` has the base output's shape. With
+    ``groups = 1`` the pair is one convolution whose kernel is ``s * B A`` over the rank (merge adds it to
+    the base kernel); with ``groups > 1`` A reads all input channels, which a grouped kernel cannot hold,
+    so such an adapter runs unmerged (as in HF PEFT)."""
+
+    fused_forward = None
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+                 init: str = "default", lora_bias: bool = False):
+        nn.Module.__init__(self)
+        kind = type(base).__name__
+        if init not in ("default", "gaussian"):
+            raise ConfigError(f"lora: init={init} applies to linear layers only; on the {kind} use init=default or gaussian "
+                              "(or leave the convolution out of the targets)")
+        if r % base.groups:
+            raise ConfigError(f"lora: a {kind} with groups={base.groups} needs a rank divisible by its groups (lora_B is "
+                              f"grouped like the base), got r={r}; use r={base.groups * -(-r // base.groups)} "
+                              "or a rank_pattern for this layer")
+        self.transposed = False
+        self.r, self.alpha, self.rslora, self.init = r, alpha, rslora, init
+        self.scaling = scaling(alpha, r, rslora)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        conv = CONV_TYPES[base.weight.dim() - 3]
+        ones = (1,) * (base.weight.dim() - 2)
+        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = conv(base.in_channels, r, base.kernel_size, base.stride, base.padding, base.dilation,
+                           bias=False, padding_mode=base.padding_mode, **factory)
+        self.lora_B = conv(r, base.out_channels, ones, ones, groups=base.groups, bias=lora_bias, **factory)
+        if lora_bias and base.bias is None:
+            warnings.warn(f"lora: lora_bias=true on a {kind} without a bias: the adapter works, but cannot be merged",
+                          stacklevel=2)
+        with torch.no_grad():
+            if init == "gaussian":
+                nn.init.normal_(self.lora_A.weight, std=1 / r)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B.weight)
+            if lora_bias:
+                nn.init.zeros_(self.lora_B.bias)
+
+    def forward(self, x, base_out):
+        return self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+    def merge(self, base: nn.Module) -> None:
+        if base.groups > 1:
+            raise StateError(f"lora: an adapter on a {type(base).__name__} with groups={base.groups} cannot be merged: its "
+                             "update reads every input channel, which a grouped kernel cannot hold (as in HF PEFT); "
+                             "use it unmerged")
+        LoraLinear.merge(self, base)
+
+    def delta_weight(self) -> torch.Tensor:
+        if self.lora_B.groups > 1:
+            raise StateError(f"lora: the update of a grouped convolution (groups={self.lora_B.groups}) is no kernel of the "
+                             "base's shape; it exists only as the two convolutions")
+        return conv_delta_weight(self.lora_A.weight, self.lora_B.weight, self.scaling)
+
+
 class LoraEmbedding(nn.Module):
     """LoRA for ``nn.Embedding``: the update ``s * (B A)^T`` is a (vocab x dim) table of rank r."""
 
@@ -465,7 +581,7 @@ Config = LoraConfig
 
 
 def can_wrap(module: nn.Module) -> bool:
-    return is_linear(module) or isinstance(module, nn.Embedding)
+    return is_linear(module) or isinstance(module, nn.Embedding) or is_conv(module)
 
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list:
@@ -474,13 +590,32 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list:
 
     if config.layer_replication is not None:
         replicate_layers(model, config.layer_replication)
-    return default_targets(model, config, can_wrap)
+    names = default_targets(model, config, can_wrap) if config.targets != [] else []
+    if config.target_parameters:
+        from .lora_params import matched_parameters
+
+        owners = matched_parameters(model, config)
+        clash = [n for n in owners if n in names]
+        if clash:
+            raise ConfigError(f"lora: '{clash[0]}' is chosen both by targets and (through its parameters) by "
+                              "target_parameters; leave it out of one of them (targets=[] adapts only the parameters)")
+        names = names + list(owners)
+    return names
 
 
 def make_adapter(module: nn.Module, config: LoraConfig, name: str) -> nn.Module:
+    if config.target_parameters:
+        from .lora_params import make_param_adapter
+
+        params = [p for p, _ in module.named_parameters(recurse=False)
+                  if any(f"{name}.{p}" == t or f"{name}.{p}".endswith("." + t) for t in config.target_parameters)]
+        if params:
+            return make_param_adapter(module, params, config, name)
     args = (module, config.rank_for(name), config.alpha_for(name), config.dropout, config.rslora, config.init)
     if isinstance(module, nn.Embedding):
         if config.lora_bias:
             raise ConfigError("lora: lora_bias=true applies to linear layers only (as in HF PEFT); exclude the embedding")
         return LoraEmbedding(*args)
+    if is_conv(module):
+        return LoraConv(*args, lora_bias=config.lora_bias)
     return LoraLinear(*args, lora_bias=config.lora_bias)
