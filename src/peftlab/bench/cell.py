@@ -151,6 +151,19 @@ def hf_twin(model, method: str, task: Task):
         twin = peft.BOFTConfig(boft_block_size=0 if config.block_num else (config.block_size or 4),
                                boft_block_num=config.block_num, boft_n_butterfly_factor=config.n_butterfly_factor,
                                boft_dropout=config.dropout, target_modules=modules, task_type=task_type)
+    elif method == "multitask_prompt":  # peft needs task_ids in every call; the bench's one task is task 0
+        init = {"vocab": "SAMPLE_VOCAB", "random": "RANDOM"}.get(config.init, "RANDOM")
+        twin = peft.MultitaskPromptTuningConfig(num_virtual_tokens=config.length, num_tasks=config.tasks,
+                                                num_ranks=config.r, prompt_tuning_init=init, task_type=task_type)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            twin = peft.get_peft_model(model, twin)
+        first = lambda kw: kw["input_ids"] if kw.get("input_ids") is not None else kw["inputs_embeds"]  # noqa: E731
+        task_zero = lambda kw: {"task_ids": first(kw).new_zeros(len(first(kw)), dtype=torch.long), **kw}  # noqa: E731
+        twin.register_forward_pre_hook(lambda m, args, kw: (args, task_zero(kw)), with_kwargs=True)
+        generate = twin.generate
+        twin.generate = lambda **kw: generate(**task_zero(kw))
+        return twin
     elif method == "ln_tuning":
         twin = peft.LNTuningConfig(target_modules=modules, task_type=task_type)
     elif method == "prompt":

@@ -48,6 +48,7 @@ METHOD_FILES = (
     "prefix",
     "ptuning",
     "ptuning_v2",
+    "multitask_prompt",
     "llama_adapter",
     "ia3",
     "ssf",
