@@ -164,6 +164,20 @@ def hf_twin(model, method: str, task: Task):
         generate = twin.generate
         twin.generate = lambda **kw: generate(**task_zero(kw))
         return twin
+    elif method == "cpt":  # causal LMs only; peft's loss adds the context's labels (peftlab's does not)
+        twin = peft.CPTConfig(cpt_token_ids=config.token_ids, cpt_mask=config.mask, cpt_tokens_type_mask=config.types,
+                              opt_projection_epsilon=config.epsilon, opt_projection_format_epsilon=config.format_epsilon,
+                              opt_weighted_loss_type=config.weighted_loss, opt_loss_decay_factor=config.loss_decay,
+                              task_type=task_type)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            twin = peft.get_peft_model(model, twin)
+        # peft counts a labelled token only where the collator's input_type_mask, shifted by the context's largest
+        # type, is a label type (a multiple of 4); the bench has no such collator, so every input token gets that type
+        label_type = 4 - max(config.types) % 4
+        twin.register_forward_pre_hook(lambda m, args, kw: (args, {"input_type_mask": torch.full_like(
+            kw["input_ids"], label_type), **kw}) if kw.get("labels") is not None else None, with_kwargs=True)
+        return twin
     elif method == "ln_tuning":
         twin = peft.LNTuningConfig(target_modules=modules, task_type=task_type)
     elif method == "prompt":

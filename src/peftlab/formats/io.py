@@ -27,7 +27,7 @@ from ..errors import AdapterFormatError, ConfigError, IncompatibleBaseError
 from ..quant import parameter_shape, quantization_record
 from . import hf_adalora, hf_lora, native
 from . import hf_fourierft, hf_ia3, hf_ln_tuning, hf_lycoris, hf_oft, hf_vera
-from . import hf_adaption_prompt, hf_multitask_prompt, hf_prompt
+from . import hf_adaption_prompt, hf_cpt, hf_multitask_prompt, hf_prompt
 from .hf_common import COMMON_FIELDS, PREFIX
 from .files import json_bytes, read_json, read_tensors, refuse_pickles, tensor_bytes, write_files
 
@@ -37,7 +37,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 # PEFT-format converters: each has PEFT_TYPES, writes(configs) -> bool, to_hf(model, name, config)
 # -> (config dict, tensors) and from_hf(model, hf_config, tensors, name, source) -> None, and may set
 # MODULES_PREFIX: where PEFT keeps that type's modules_to_save (prompt learning: "base_model.").
-CONVERTERS = [hf_lora, hf_adalora, hf_ia3, hf_ln_tuning, hf_lycoris, hf_vera, hf_fourierft, hf_oft, hf_prompt, hf_adaption_prompt, hf_multitask_prompt]
+CONVERTERS = [hf_lora, hf_adalora, hf_ia3, hf_ln_tuning, hf_lycoris, hf_vera, hf_fourierft, hf_oft, hf_prompt, hf_adaption_prompt, hf_multitask_prompt, hf_cpt]
 
 
 def fingerprint(model: nn.Module) -> str:

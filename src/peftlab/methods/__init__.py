@@ -49,6 +49,7 @@ METHOD_FILES = (
     "ptuning",
     "ptuning_v2",
     "multitask_prompt",
+    "cpt",
     "llama_adapter",
     "ia3",
     "ssf",
