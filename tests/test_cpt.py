@@ -131,6 +131,44 @@ def test_the_trainer_projects_after_every_step():
     assert torch.allclose(norms[MOVABLE], eps[MOVABLE], rtol=1e-4)  # lr 0.5 pushes every movable token to its edge
 
 
+# ---- the loss on the context's own labels -----------------------------------------------------------
+
+def test_the_contexts_labels_are_predicted_from_the_context_before_them():
+    """Labels at positions 4 (type 4, example 0) and 7 (type 8, example 1); with decay 0.5 the last
+    example weighs 0.5 and the one before 0.25 (the user's labels weigh 1)."""
+    model = pushed(peftlab.attach(llama(), SPEC[:-1] + ",weighted_loss=decay,loss_decay=0.5]"), std=0.01)
+    module = the_module(model)
+    with torch.no_grad(), peftlab.disabled(model):
+        logits = model(inputs_embeds=module.prompt()[None]).logits[0]
+    by_hand = [torch.nn.functional.cross_entropy(logits[p - 1:p], torch.tensor([TOKENS[p]])) for p in (4, 7)]
+    expected = (0.25 * by_hand[0] + 0.5 * by_hand[1]) / 2
+    torch.testing.assert_close(core.regularization(model), expected)
+    plain = peftlab.attach(llama(), SPEC)
+    assert float(core.regularization(plain)) > 0
+    assert core.regularization(peftlab.attach(llama(), "cpt[token_ids=[3,4],types=[1,2]]")) is None  # no labels
+
+
+def test_the_context_loss_is_pefts(tmp_path):
+    """PEFT's CPT loss with no labelled input tokens is the context's alone, with the same weights (the
+    input's tokens still take weight 1, so the last example weighs loss_decay there too)."""
+    ours = pushed(peftlab.attach(llama(), SPEC[:-1] + ",weighted_loss=decay,loss_decay=0.5]"), std=0.01)
+    core.after_step(ours, 1, 1)
+    peftlab.save(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(llama(), tmp_path).eval()
+    ids = batch()
+    with torch.no_grad():
+        their_loss = theirs(input_ids=ids, labels=torch.full_like(ids, -100)).loss
+    torch.testing.assert_close(core.regularization(ours).detach(), their_loss)
+
+
+def test_the_context_loss_trains_the_prompt():
+    model = peftlab.attach(llama(), SPEC)
+    core.regularization(model).backward()
+    grad = the_module(model).delta.grad
+    assert grad[MOVABLE].abs().sum() > 0 and not grad[~MOVABLE].any()
+    assert all(p.grad is None for n, p in model.named_parameters() if "peftlab" not in n)
+
+
 # ---- settings and refusals --------------------------------------------------------------------------
 
 def test_defaults_are_pefts():
@@ -145,8 +183,6 @@ def test_bad_settings_and_models_fail_clearly():
         peftlab.attach(llama(), "cpt[token_ids=[96]]")
     with pytest.raises(peftlab.ConfigError, match="types needs one entry per context token"):
         peftlab.attach(llama(), "cpt[token_ids=[1,2],types=[1]]")
-    with pytest.warns(UserWarning, match="not applied"):
-        peftlab.attach(llama(), "cpt[weighted_loss=decay,loss_decay=0.9]")
 
 
 # ---- HF PEFT, both ways ---------------------------------------------------------------------------
@@ -191,9 +227,8 @@ def test_peft_adapter_loads_in_peftlab_with_the_same_outputs(tmp_path):
 def test_the_files_are_pefts_own(tmp_path):
     peft.get_peft_model(llama(), peft_config(opt_weighted_loss_type="decay", opt_loss_decay_factor=0.9,
                                              cpt_mask=[1] * 7 + [0])).save_pretrained(tmp_path / "peft")
-    with pytest.warns(UserWarning):
-        spec = SPEC[:-1] + ",weighted_loss=decay,loss_decay=0.9,mask=[1,1,1,1,1,1,1,0]]"
-        peftlab.save(peftlab.attach(llama(), spec), tmp_path / "ours")
+    spec = SPEC[:-1] + ",weighted_loss=decay,loss_decay=0.9,mask=[1,1,1,1,1,1,1,0]]"
+    peftlab.save(peftlab.attach(llama(), spec), tmp_path / "ours")
     configs = [json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("peft", "ours")]
     shapes = [{k: v.shape for k, v in load_file(str(tmp_path / d / "adapter_model.safetensors")).items()}
               for d in ("peft", "ours")]

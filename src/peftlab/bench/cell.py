@@ -164,7 +164,7 @@ def hf_twin(model, method: str, task: Task):
         generate = twin.generate
         twin.generate = lambda **kw: generate(**task_zero(kw))
         return twin
-    elif method == "cpt":  # causal LMs only; peft's loss adds the context's labels (peftlab's does not)
+    elif method == "cpt":  # causal LMs only; peft pools the context's and the input's labels in one mean
         twin = peft.CPTConfig(cpt_token_ids=config.token_ids, cpt_mask=config.mask, cpt_tokens_type_mask=config.types,
                               opt_projection_epsilon=config.epsilon, opt_projection_format_epsilon=config.format_epsilon,
                               opt_weighted_loss_type=config.weighted_loss, opt_loss_decay_factor=config.loss_decay,

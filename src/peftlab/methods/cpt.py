@@ -6,9 +6,10 @@ prompt (their tokens' embeddings) and refines those embeddings by training, like
 attack in reverse: each token may move only within a small ball around where it started, so the
 prompt stays the examples' text in meaning while it becomes better at the task.
 
-What (causal LMs only, as in the paper and HF PEFT): ``token_ids`` are the context (the few-shot examples, formatted and tokenized); ``types``
-says what each token is: for example ``i`` (from 0), ``4i+1`` its input template, ``4i+2`` its
-input, ``4i+3`` its output template, ``4i+4`` its label; ``0`` anything else. The prompt is::
+What (for causal LMs, as in the paper and HF PEFT): ``token_ids`` are the context (the few-shot
+examples, formatted and tokenized); ``types`` says what each token is: for example ``i`` (from 0),
+``4i+1`` its input template, ``4i+2`` its input, ``4i+3`` its output template, ``4i+4`` its label;
+``0`` anything else. The prompt is::
 
     P = E[token_ids] + delta,    delta starts at 0
 
@@ -22,18 +23,26 @@ prepended to the input embeddings (``prompting.py``). Only template and input to
 
 (the width scaling and defaults 0.1 are HF PEFT's).
 
+The loss (``regularization``, which ``peftlab.train`` adds to the model's loss): as in the paper,
+the context's own labels train the prompt too, each label token predicted from the context before
+it; with ``weighted_loss=decay`` example ``k`` places back from the last weighs ``loss_decay**(k+1)``
+(the user's labels weigh 1), else every example weighs 1. It needs one extra forward of the prompt
+alone (the base model, other adapters off), since causal attention makes those predictions
+independent of the input.
+
 Differences from HF PEFT (``CPT``, read and written exactly by ``formats/hf_cpt.py``):
 
-- the loss weighting is left out: PEFT adds the context examples' label tokens (inside the
-  prompt) to the loss, decayed by ``loss_decay`` per example back from the last
-  (``weighted_loss=decay``), which needs the logits of the virtual positions; peftlab's soft prompts
-  drop those positions so the head, the labels and ``generate`` see the user's sequence only, and
-  the trainer's loss is the model's own. ``weighted_loss`` and ``loss_decay`` are kept for the
-  file format (a warning says they do nothing here); the loss is the usual one on the user's tokens;
+- PEFT pools the context's label tokens (repeated in every row) and the user's into one mean over
+  tokens; peftlab adds the context's weighted mean to the model's own loss on the user's tokens (the
+  virtual positions are dropped from the output, so the head, the labels and ``generate`` see the
+  user's sequence only, and the context's term is computed once per step, not once per row). The
+  two agree term by term; only the balance between the two means differs;
+- PEFT tells template, input and label tokens of the *user's* input apart by an
+  ``input_type_mask`` its own collator builds; peftlab's trainer counts every labelled input token;
 - PEFT projects ``delta`` at the start of every forward; peftlab after every optimizer step
   (the same prompts for every forward that follows a step, the step being the only change);
 - frozen tokens are kept by multiplying ``delta`` by the trainable-token mask, not by a gradient
-  hook (the same prompt; their ``delta`` never gets a gradient);
+  hook (the same prompt; their ``delta`` never gets a gradient).
 
 Saved as PEFT saves it: ``prompt_embeddings`` = the final prompt ``E + delta``. A loaded adapter
 starts from that prompt with ``delta = 0`` (as in PEFT), so further training moves within the
@@ -42,11 +51,11 @@ balls around the loaded prompt. Mergeable: no.
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..core import model_adapters
@@ -66,8 +75,10 @@ IDENTITY_AT_INIT = False
 DEFAULT_LR = 1e-4
 ARCHITECTURES = ("llama",)  # causal LMs only, as in the paper and HF PEFT (others: TargetError)
 # the registry tests' tiny model (hidden 32) would get balls of radius 0.0125: one example of eight
-# tokens (template, input, template, label), with the balls widened so a few steps visibly lower the loss
-EXAMPLE_SETTINGS = "token_ids=[5,6,7,8,9,10,11,12],types=[1,2,2,2,3,3,3,4],epsilon=8,format_epsilon=8"
+# tokens (template, input, template, label), with the balls widened and the random label's own loss
+# down-weighted, so a few steps visibly lower the loss on the user's tokens (the reported loss)
+EXAMPLE_SETTINGS = ("token_ids=[5,6,7,8,9,10,11,12],types=[1,2,2,2,3,3,3,4],epsilon=8,format_epsilon=8,"
+                    "weighted_loss=decay,loss_decay=0.1")
 INVALID_SETTINGS = ("token_ids=[]", "types=[1,2]", "epsilon=0", "format_epsilon=-1", "weighted_loss=linear",
                     "loss_decay=0", "mask=[1,1]")
 LOSS_TYPES = ("none", "decay")
@@ -87,7 +98,8 @@ class CptConfig(MethodConfig):
     """token_ids: the context examples' tokens (the prompt's init, one virtual token each); types: each
     token's type (4i+1 input template, 4i+2 input, 4i+3 output template, 4i+4 label of example i, 0 other);
     epsilon / format_epsilon: the ball radii of input / template tokens (scaled by sqrt(hidden/2048));
-    mask, weighted_loss, loss_decay, tokenizer: recorded for HF PEFT's format (unused here)."""
+    weighted_loss: none or decay (earlier examples' labels weigh loss_decay per example back); mask,
+    tokenizer: recorded for HF PEFT's format (unused)."""
 
     method: ClassVar[str] = "cpt"
     token_ids: list | None = None
@@ -119,9 +131,6 @@ class CptConfig(MethodConfig):
                 raise ConfigError(f"{self.method}: {key} must be a positive number, got {value!r}")
         if self.weighted_loss not in LOSS_TYPES:
             raise ConfigError(f"{self.method}: weighted_loss must be one of {', '.join(LOSS_TYPES)}, got {self.weighted_loss!r}")
-        if self.weighted_loss != "none":
-            warnings.warn(f"{self.method}: weighted_loss={self.weighted_loss} is recorded for HF PEFT's format but not "
-                          "applied: peftlab trains CPT with the model's own loss on the user's tokens", stacklevel=2)
 
     @property
     def length(self) -> int:
@@ -146,6 +155,24 @@ def radii(types: list, epsilon: float, format_epsilon: float, hidden: int) -> to
     eps[(types_ > 0) & ((kinds == 1) | (kinds == 3))] = format_epsilon * scale
     eps[(types_ > 0) & (kinds == 2)] = epsilon * scale
     return eps
+
+
+def label_weights(types: list, weighted_loss: str, decay: float) -> torch.Tensor:
+    """Each context token's weight in the loss: 0 unless it is a label (type 4i+4, i >= 0); example
+    labels ``k`` places back from the last weigh ``decay**(k+1)`` with ``weighted_loss=decay``, else 1."""
+    types_ = torch.tensor(types)
+    labels = (types_ > 0) & (types_ % 4 == 0)
+    weights = torch.zeros(len(types))
+    for back, kind in enumerate(sorted(set(types_[labels].tolist()), reverse=True)):
+        weights[types_ == kind] = decay ** (back + 1) if weighted_loss == "decay" else 1.0
+    return weights
+
+
+def context_loss(logits: torch.Tensor, token_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The weighted mean loss of the context's label tokens, each predicted from the position before it."""
+    losses = F.cross_entropy(logits[:-1].float(), token_ids[1:], reduction="none")
+    counted = weights[1:] > 0
+    return (losses * weights[1:])[counted].mean()
 
 
 def project(delta: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -191,6 +218,24 @@ def after_step(model: nn.Module, name: str, config: CptConfig, step: int, total_
     for _, _, module in model_adapters.model_adapters(model, name):
         if isinstance(module, ContextPrompt):
             module.project()
+
+
+def regularization(model: nn.Module, name: str, config: CptConfig):
+    """The context's own labels (see the module docstring), or None when the context has none."""
+    from ..core.adapters import disabled
+
+    weights = label_weights(config.types, config.weighted_loss, config.loss_decay)
+    if not bool(weights[1:].any()):
+        return None
+    terms = []
+    for _, _, module in model_adapters.model_adapters(model, name):
+        if isinstance(module, ContextPrompt):
+            prompt = module.prompt()
+            with disabled(model):  # the prompt is given by hand: the model must not prepend it again
+                logits = model(inputs_embeds=prompt[None]).logits[0]
+            ids = torch.tensor(config.token_ids, device=logits.device)
+            terms.append(context_loss(logits, ids, weights.to(logits.device)))
+    return sum(terms[1:], terms[0]) if terms else None
 
 
 Config = CptConfig
