@@ -63,8 +63,9 @@ CATEGORY = "additive"
 PAPER = "Wang et al., 2023 (arXiv:2303.02861)"
 MERGEABLE = False
 IDENTITY_AT_INIT = False
-# the paper tunes MPT with lr 0.3 (T5, Adafactor-style); peft's MPT example uses 1e-4 with AdamW on T5;
-# the prompt is a product of three trained factors, so peftlab keeps its prompt-tuning rate (AdamW, 3e-2)
+# peftlab's prompt-tuning DEFAULT_LR (3e-2, AdamW; Lester et al. tune prompts at 0.3 with Adafactor),
+# as a one-task MPT prompt is a soft prompt; Adam's per-parameter steps also lift the factors off their
+# tiny N(0, 0.02) init within a few steps at this rate. Not yet measured for MPT itself
 DEFAULT_LR = 3e-2
 INVALID_SETTINGS = ("length=0", "tasks=0", "r=0", "init=zeros", "init=average_source_tasks", "source_task=-1",
                     "init=text")
