@@ -6,6 +6,10 @@
 multiplied by any task's factors) and the factors ``prefix_task_cols`` (tasks x length x r) and
 ``prefix_task_rows`` (tasks x r x hidden). The prompt-tuning bookkeeping (heads under
 ``base_model.``, encoder-decoder refusal) is ``hf_prompt``'s.
+
+A source-initialized adapter records its source file (``prompt_tuning_init_state_dict_path``), as
+PEFT does; PEFT reads that file again whenever it builds the adapter, loading included, so such a
+file loads in PEFT only where the source is; peftlab loads it without the source.
 """
 from __future__ import annotations
 
@@ -76,14 +80,18 @@ def config_from_hf(hf: dict) -> MultitaskPromptConfig:
     elif init in SOURCE_INITS:
         extra = dict(source=hf.get("prompt_tuning_init_state_dict_path"))
     try:
-        config = MultitaskPromptConfig(length=hf.get("num_virtual_tokens"), tasks=hf.get("num_tasks", 1),
-                                       r=hf.get("num_ranks", 1), init=init,
+        config = MultitaskPromptConfig(length=hf.get("num_virtual_tokens"), tasks=_or_one(hf.get("num_tasks")),
+                                       r=_or_one(hf.get("num_ranks")), init=init,
                                        source_task=hf.get("prompt_tuning_init_task") or 0, **extra)
         config.modules_to_save = list(hf.get("modules_to_save") or [])
         config.validate()
     except (TypeError, ValueError) as error:
         raise AdapterFormatError(f"adapter_config.json has invalid values: {error}") from None
     return config
+
+
+def _or_one(value):
+    return 1 if value is None else value  # PEFT's default for num_tasks and num_ranks
 
 
 def from_hf(model: nn.Module, hf: dict, tensors: dict, name: str, source) -> None:
