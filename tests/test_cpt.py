@@ -131,6 +131,19 @@ def test_the_trainer_projects_after_every_step():
     assert torch.allclose(norms[MOVABLE], eps[MOVABLE], rtol=1e-4)  # lr 0.5 pushes every movable token to its edge
 
 
+def test_generate_reads_the_context_once():
+    model = pushed(peftlab.attach(llama(), SPEC))
+    core.after_step(model, 1, 1)
+    ids = batch()
+    with torch.no_grad():
+        generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,
+                                   do_sample=False, pad_token_id=0)
+        greedy = ids
+        for _ in range(3):
+            greedy = torch.cat([greedy, model(input_ids=greedy).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    torch.testing.assert_close(generated, greedy, rtol=0, atol=0)
+
+
 # ---- the loss on the context's own labels -----------------------------------------------------------
 
 def test_the_contexts_labels_are_predicted_from_the_context_before_them():
