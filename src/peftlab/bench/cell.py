@@ -222,6 +222,33 @@ def hf_twin(model, method: str, task: Task, spec: str | None = None):
         table = next(n for n, m in model.named_modules() if m is model.get_input_embeddings())
         twin = peft.TrainableTokensConfig(token_indices=list(config.token_indices), target_modules=[table],
                                           init_weights=config.init == "copy", task_type=task_type)
+    elif method == "multitask_prompt":  # peft needs task_ids in every call; the bench's one task is task 0
+        init = {"vocab": "SAMPLE_VOCAB", "random": "RANDOM"}.get(config.init, "RANDOM")
+        twin = peft.MultitaskPromptTuningConfig(num_virtual_tokens=config.length, num_tasks=config.tasks,
+                                                num_ranks=config.r, prompt_tuning_init=init, task_type=task_type)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            twin = peft.get_peft_model(model, twin)
+        first = lambda kw: kw["input_ids"] if kw.get("input_ids") is not None else kw["inputs_embeds"]  # noqa: E731
+        task_zero = lambda kw: {"task_ids": first(kw).new_zeros(len(first(kw)), dtype=torch.long), **kw}  # noqa: E731
+        twin.register_forward_pre_hook(lambda m, args, kw: (args, task_zero(kw)), with_kwargs=True)
+        generate = twin.generate
+        twin.generate = lambda **kw: generate(**task_zero(kw))
+        return twin
+    elif method == "cpt":  # causal LMs only; peft pools the context's and the input's labels in one mean
+        twin = peft.CPTConfig(cpt_token_ids=config.token_ids, cpt_mask=config.mask, cpt_tokens_type_mask=config.types,
+                              opt_projection_epsilon=config.epsilon, opt_projection_format_epsilon=config.format_epsilon,
+                              opt_weighted_loss_type=config.weighted_loss, opt_loss_decay_factor=config.loss_decay,
+                              task_type=task_type)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            twin = peft.get_peft_model(model, twin)
+        # peft counts a labelled token only where the collator's input_type_mask, shifted by the context's largest
+        # type, is a label type (a multiple of 4); the bench has no such collator, so every input token gets that type
+        label_type = 4 - max(config.types) % 4
+        twin.register_forward_pre_hook(lambda m, args, kw: (args, {"input_type_mask": torch.full_like(
+            kw["input_ids"], label_type), **kw}) if kw.get("labels") is not None else None, with_kwargs=True)
+        return twin
     elif method == "ln_tuning":
         twin = peft.LNTuningConfig(target_modules=modules, task_type=task_type)
     elif method == "prompt":

@@ -125,13 +125,17 @@ def from_hf(model: nn.Module, hf: dict, tensors: dict, name: str, source) -> Non
     if SAVED_KEY not in tensors:
         raise AdapterFormatError(f"{source}: the weights file has no '{SAVED_KEY}' tensor")
     config = config_from_hf(hf)
-    # PEFT writes every head name it might use for the task (["classifier", "score"] for SEQ_CLS); keep this model's
-    base_names = [n for n, _ in named_base_modules(model)]
-    config.modules_to_save = [m for m in dict.fromkeys(config.modules_to_save)
-                              if any(n == m or n.endswith("." + m) for n in base_names)]
+    config.modules_to_save = present_modules(model, config.modules_to_save)
     core.attach(model, _without_text_init(config), name=name)
     require_state(model).configs[name] = [config]
     native.import_state(model_level_module(model, name), {SAVED_KEY: tensors[SAVED_KEY]}, config.method, source)
+
+
+def present_modules(model: nn.Module, names: list) -> list:
+    """The ``modules_to_save`` this model has: PEFT writes every head name it might use for the task
+    (["classifier", "score"] for SEQ_CLS)."""
+    base_names = [n for n, _ in named_base_modules(model)]
+    return [m for m in dict.fromkeys(names) if any(n == m or n.endswith("." + m) for n in base_names)]
 
 
 def _without_text_init(config):

@@ -60,6 +60,8 @@ METHOD_FILES = (
     "prefix",
     "ptuning",
     "ptuning_v2",
+    "multitask_prompt",
+    "cpt",
     "llama_adapter",
     "ia3",
     "ssf",

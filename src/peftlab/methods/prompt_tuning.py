@@ -62,16 +62,22 @@ class PromptTuningConfig(MethodConfig):
         check_length(self)
         if self.init not in INITS:
             raise ConfigError(f"{self.method}: init must be one of {', '.join(INITS)}, got {self.init!r}")
-        text_settings = [k for k in ("init_text", "tokenizer", "init_ids") if getattr(self, k) is not None]
-        if self.init != "text" and text_settings:
-            raise ConfigError(f"{self.method}: {', '.join(text_settings)} only apply to init=text (now init={self.init})")
-        if self.init == "text":
-            if self.init_ids is None and not (self.init_text and self.tokenizer):
-                raise ConfigError(f"{self.method}: init=text needs init_ids=[token ids], or init_text='...' together "
-                                  "with tokenizer=<name or path>")
-            if self.init_ids is not None and (not isinstance(self.init_ids, list) or not self.init_ids or not all(
-                    isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.init_ids)):
-                raise ConfigError(f"{self.method}: init_ids must be a non-empty list of token ids, got {self.init_ids!r}")
+        check_text_init(self)
+
+
+def check_text_init(config) -> None:
+    """The text-init settings (``init_text``, ``tokenizer``, ``init_ids``) of a config with ``init``:
+    given with init=text only, and enough of them to find the text's token ids."""
+    text_settings = [k for k in ("init_text", "tokenizer", "init_ids") if getattr(config, k) is not None]
+    if config.init != "text" and text_settings:
+        raise ConfigError(f"{config.method}: {', '.join(text_settings)} only apply to init=text (now init={config.init})")
+    if config.init == "text":
+        if config.init_ids is None and not (config.init_text and config.tokenizer):
+            raise ConfigError(f"{config.method}: init=text needs init_ids=[token ids], or init_text='...' together "
+                              "with tokenizer=<name or path>")
+        if config.init_ids is not None and (not isinstance(config.init_ids, list) or not config.init_ids or not all(
+                isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in config.init_ids)):
+            raise ConfigError(f"{config.method}: init_ids must be a non-empty list of token ids, got {config.init_ids!r}")
 
 
 # ---- initialisation ------------------------------------------------------------------------------

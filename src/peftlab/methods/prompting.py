@@ -237,6 +237,11 @@ class InputPrompt(nn.Module):
         """The virtual tokens' embeddings, (length x hidden)."""
         raise NotImplementedError
 
+    def batch_prompt(self, rows: int) -> torch.Tensor:
+        """The virtual tokens of each of ``rows`` rows, (rows x length x hidden): ``prompt()`` for every
+        row, unless a method gives rows prompts of their own (multitask prompt tuning)."""
+        return self.prompt().expand(rows, -1, -1)
+
     def rewrite_inputs(self, kwargs: dict):
         kwargs = dict(kwargs)
         update(kwargs, "attention_mask", lengthen_mask, self.length)
@@ -249,8 +254,8 @@ class InputPrompt(nn.Module):
             if ids is None:
                 raise StateError("the model was called without input_ids or inputs_embeds")
             embeds = self._backbone.get_input_embeddings()(ids)
-        prompt = self.prompt().to(embeds.dtype)
-        kwargs["inputs_embeds"] = torch.cat([prompt.expand(embeds.shape[0], -1, -1), embeds], dim=1)
+        prompt = self.batch_prompt(embeds.shape[0]).to(embeds.dtype)
+        kwargs["inputs_embeds"] = torch.cat([prompt, embeds], dim=1)
         update(kwargs, "position_ids", shift_positions, self.length, prepend=True)
         update(kwargs, "token_type_ids", prepend_zeros, self.length)
         return kwargs, self.length
