@@ -32,7 +32,9 @@ README = TESTS.parent / "README.md"
 OWN_FILES = {"PROMPT_TUNING": ("test_prompt_peft.py", "PromptTuningConfig"),
              "P_TUNING": ("test_prompt_peft.py", "PromptEncoderConfig"),
              "PREFIX_TUNING": ("test_prompt_peft.py", "PrefixTuningConfig"),
-             "ADAPTION_PROMPT": ("test_prompt_peft.py", "AdaptionPromptConfig")}
+             "ADAPTION_PROMPT": ("test_prompt_peft.py", "AdaptionPromptConfig"),
+             "CPT": ("test_cpt.py", "CPTConfig"),
+             "MULTITASK_PROMPT_TUNING": ("test_multitask_prompt.py", "MultitaskPromptTuningConfig")}
 # where a default fits no single PEFT file on the tiny model (a per-layer size PEFT's config holds once)
 TINY_SETTINGS = {"miss": "miss[r=16]", "road": "road[group_size=16]",
                  "trainable_tokens": "trainable_tokens[token_indices=[3,17,40]]"}  # (no default ids)
@@ -72,6 +74,32 @@ def test_readme_parity_table_is_generated():
 def test_prompt_types_have_their_own_peft_tests(peft_type):
     file, config_class = OWN_FILES[peft_type]
     assert config_class in (TESTS / file).read_text()
+
+
+FILE_OPTIONS = [o for o in parity.LORA_OPTIONS if o.files and parity.option_present(o)]
+
+
+@pytest.mark.parametrize("option", FILE_OPTIONS, ids=[o.hf.split(",")[0] for o in FILE_OPTIONS])
+def test_lora_options_marked_as_files_go_through_peft(option, ids, tmp_path):
+    """A spec the tiny Llama can take saves a file peft reads with the same logits; the others name
+    the test file that runs them through peft."""
+    if option.tested_in:
+        text = (TESTS / option.tested_in).read_text()
+        field = option.hf.split()[0]
+        assert "peft." in text and (field in text or "Conv" in field), option
+        return
+    if option.spec.startswith("TrainConfig("):
+        pytest.fail(f"{option.hf}: a trainer setting is not a file option")
+    if option.spec.startswith("LoraConfig("):
+        from peftlab.methods.lora import LoraConfig
+
+        spec = eval(option.spec, {"LoraConfig": LoraConfig})  # the row's own literal, e.g. rank_pattern={...}
+    else:
+        spec = option.spec
+    ours = peftlab.attach(make_llama(), spec)
+    moved([p for _, a in core.all_adapters(ours) for p in a.parameters() if p.requires_grad])
+    peftlab.save(ours, tmp_path)
+    torch.testing.assert_close(peft_logits(make_llama, tmp_path, ids), logits(ours, ids), rtol=1e-5, atol=1e-5)
 
 
 def factory(method):

@@ -84,6 +84,7 @@ class Option:
     spec: str = ""  # peftlab's spec; empty: not in peftlab
     files: bool = False  # peftlab writes / reads it in PEFT's LoRA file
     note: str = ""
+    tested_in: str = ""  # the test file that runs it through peft, where a tiny Llama cannot show it
 
 
 LORA_OPTIONS = (
@@ -94,7 +95,8 @@ LORA_OPTIONS = (
     Option("init_lora_weights='pissa'", "lora[init=pissa]", True, "saved as the equivalent plain LoRA (peft's "
            "path_initial_model_for_weight_conversion form)"),
     Option("init_lora_weights='olora'", "lora[init=olora]", True, "saved as the equivalent plain LoRA"),
-    Option("init_lora_weights='loftq'", "lora[init=loftq]", True),
+    Option("init_lora_weights='loftq'", "lora[init=loftq]", False, "needs a base quantized with "
+           "peftlab.quantize(..., loftq_rank=r); the LoRA saves as a plain LoRA, not checked against peft's LoftQ"),
     Option("init_lora_weights='eva'", note="not yet: issue 16 (a data-driven init: SVD of a few batches' activations)"),
     Option("init_lora_weights='corda'", note="not yet: issue 16"),
     Option("init_lora_weights='lora_ga'", note="not yet: issue 16"),
@@ -105,9 +107,14 @@ LORA_OPTIONS = (
     Option("loraplus_lr_ratio (create_loraplus_optimizer)", "TrainConfig(loraplus_lr_ratio=16)", False,
            "an optimizer setting, not part of the file"),
     Option("create_lorafa_optimizer", "lora_fa", False, "LoRA-FA is its own method here; its files are native"),
-    Option("target_parameters", note="not yet: issue 16"),
-    Option("Conv1d / Conv2d / Conv3d targets", note="not yet: issue 16"),
-    Option("trainable_token_indices", note="not yet: issue 16"),
+    Option("target_parameters", "lora[targets=[],target_parameters=[experts.gate_up_proj]]", True,
+           "raw 2-D / 3-D parameters (MoE experts); tested against peft in tests/test_lora_target_parameters.py",
+           tested_in="test_lora_target_parameters.py"),
+    Option("Conv1d / Conv2d / Conv3d targets", "lora[targets=[conv1]]", True,
+           "convolutions named in targets (all-linear keeps to linear layers); also DoRA, and LoHa / LoKr on "
+           "Conv1d / Conv2d; tested against peft in tests/test_lora_conv.py", tested_in="test_lora_conv.py"),
+    Option("trainable_token_indices", "lora|trainable_tokens[token_indices=[0]]", False,
+           "read from PEFT's LoRA files as lora|trainable_tokens; saved in peftlab's format"),
     Option("fan_in_fan_out (GPT-2 Conv1D)", "lora", True, "GPT-2's Conv1D layers are wrapped with fan_in_fan_out"),
     Option("megatron_config", note="Megatron-LM's parallel layers: out of scope (peftlab shards with FSDP2)"),
     Option("velora_config, monteclora_config, arrow_config, kasa_config, alora_invocation_tokens, use_bdlora",
