@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import peftlab
 from peftlab.core import model_adapters
-from peftlab.methods.multitask_prompt import tasks
+from peftlab.core.state import get_state
 
 peft = pytest.importorskip("peft")
 
@@ -53,7 +53,7 @@ def run(model, ids, task_ids=None, **inputs):
     with torch.no_grad():
         if task_ids is None:
             return model(input_ids=ids, **inputs).logits
-        with tasks(model, task_ids):
+        with peftlab.task_ids(model, task_ids):
             return model(input_ids=ids, **inputs).logits
 
 
@@ -91,7 +91,7 @@ def test_a_mixed_batch_equals_each_row_run_alone():
 
 def test_gradients_reach_the_shared_prompt_and_only_the_tasks_in_the_batch():
     model = trained(peftlab.attach(llama(), SPEC))
-    with tasks(model, [0, 2, 0]):
+    with peftlab.task_ids(model, [0, 2, 0]):
         model(input_ids=batch()).logits.square().mean().backward()
     module = the_module(model)
     assert module.prompt_embeddings.grad.abs().sum() > 0
@@ -103,7 +103,7 @@ def test_gradients_reach_the_shared_prompt_and_only_the_tasks_in_the_batch():
 def test_generate_keeps_each_rows_task():
     model = trained(peftlab.attach(llama(), SPEC))
     ids = batch()
-    with torch.no_grad(), tasks(model, [1, 2, 0]):
+    with torch.no_grad(), peftlab.task_ids(model, [1, 2, 0]):
         generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,
                                    do_sample=False, pad_token_id=0)
         greedy = ids
@@ -118,22 +118,22 @@ def test_one_task_needs_no_ids_and_many_tasks_do():
     single = trained(peftlab.attach(llama(), "multitask_prompt[length=4]"))
     torch.testing.assert_close(run(single, batch()), run(single, batch(), 0), rtol=0, atol=0)
     model = peftlab.attach(llama(), SPEC)
-    with pytest.raises(peftlab.StateError, match="say which task each row is"):
+    with pytest.raises(peftlab.StateError, match="give each batch row its task"):
         run(model, batch())
-    with pytest.raises(peftlab.StateError, match="2 task ids, but the batch has 3 rows"):
+    with pytest.raises(peftlab.StateError, match="2 task ids but the batch has 3 rows"):
         run(model, batch(), [0, 1])
-    with pytest.raises(peftlab.StateError, match=r"task ids must be in 0\.\.2"):
+    with pytest.raises(peftlab.ConfigError, match=r"task ids must be in 0\.\.2"):
         run(model, batch(), [0, 1, 3])
     with pytest.raises(peftlab.ConfigError, match="integer task ids"):
         run(model, batch(), [0.5, 1, 2])
-    with pytest.raises(peftlab.StateError, match="has none"):
-        with tasks(llama(), [0]):
+    with pytest.raises(peftlab.StateError, match="no peftlab adapters"):
+        with peftlab.task_ids(llama(), [0]):
             pass
-    with tasks(model, 1):
-        with tasks(model, [0, 1, 2]):
+    with peftlab.task_ids(model, 1):
+        with peftlab.task_ids(model, [0, 1, 2]):
             pass
-        assert int(the_module(model).task_ids) == 1  # the outer block's ids are back
-    assert the_module(model).task_ids is None
+        assert int(get_state(model).task_ids) == 1  # the outer block's ids are back
+    assert get_state(model).task_ids is None
 
 
 def test_routing_refuses_it_clearly():

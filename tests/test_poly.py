@@ -1,6 +1,6 @@
 """Poly: an inventory of LoRA skills per layer mixed by a learned task-skill matrix Z (sigmoid,
 normalised; a relaxed-Bernoulli sample in training), with Multi-Head Routing splits; task ids per
-row through ``peftlab.poly_tasks``; HF PEFT's POLY format checked against the real ``peft`` package
+row through ``peftlab.task_ids``; HF PEFT's POLY format checked against the real ``peft`` package
 both ways (peft's forward given the same ``task_ids``)."""
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def test_each_row_gets_its_tasks_mixture_of_skills(n_splits):
     x = torch.randn(3, 5, 64)
     tasks = [2, 0, 2]
     a = adapter(model, DOWN0)
-    with torch.no_grad(), peftlab.poly_tasks(model, tasks):
+    with torch.no_grad(), peftlab.task_ids(model, tasks):
         out = a(x, None)
     for row, task in enumerate(tasks):
         torch.testing.assert_close(out[row].double(), hand_delta(a, x[row], task), rtol=1e-5, atol=1e-6)
@@ -70,7 +70,7 @@ def test_a_one_hot_z_is_that_one_skills_lora():
         a.poly_router.module_logits[0, 2] = 40.0  # task 0 = skill 2 alone
         a.poly_router.module_logits[1, 3] = 40.0  # task 1 = skill 3 alone
     x = torch.randn(2, 5, 32)
-    with torch.no_grad(), peftlab.poly_tasks(model, [0, 1]):
+    with torch.no_grad(), peftlab.task_ids(model, [0, 1]):
         out = a(x, None)
     for row, skill in enumerate((2, 3)):
         lora = x[row] @ a.poly_lora_A[0, skill] @ a.poly_lora_B[0, skill] / 4
@@ -84,7 +84,7 @@ def test_layer_adds_the_delta(routed):
     a = layer.adapters["default"]
     x = torch.randn(3, 5, 32)
     tasks = [1, 2, 0]
-    with torch.no_grad(), peftlab.poly_tasks(model, tasks):
+    with torch.no_grad(), peftlab.task_ids(model, tasks):
         expected = layer.base_layer(x) + torch.stack([hand_delta(a, x[i], t).float() for i, t in enumerate(tasks)])
         if routed:  # row 1 runs the base; rows 0 and 2 keep their own task ids
             with peftlab.routing(model, ["default", None, "default"]):
@@ -99,7 +99,7 @@ def test_training_samples_the_routing_and_gradients_reach_everything():
     model = randomize(peftlab.attach(make_llama(), "poly[n_tasks=2]"))
     layer = model.get_submodule(Q0)
     x = torch.randn(2, 5, 32)
-    with peftlab.poly_tasks(model, [0, 1]):
+    with peftlab.task_ids(model, [0, 1]):
         with torch.no_grad():
             assert torch.equal(layer(x), layer(x))  # eval: sigmoid, deterministic
         model.train()
@@ -124,36 +124,36 @@ def test_starts_as_the_base_and_counts_its_parameters(ids):
 
 def test_task_ids_are_needed_with_several_tasks_and_checked(ids):
     model = peftlab.attach(make_llama(), "poly[n_tasks=3]")
-    with pytest.raises(peftlab.StateError, match="poly_tasks"):
+    with pytest.raises(peftlab.StateError, match="task_ids"):
         logits(model, ids)
     with pytest.raises(peftlab.StateError, match="3 rows"):
-        with peftlab.poly_tasks(model, [0, 1]):
+        with peftlab.task_ids(model, [0, 1]):
             logits(model, ids)
     with pytest.raises(peftlab.ConfigError, match="0..2"):
-        with peftlab.poly_tasks(model, [0, 1, 3]):
+        with peftlab.task_ids(model, [0, 1, 3]):
+            logits(model, ids)
+    with pytest.raises(peftlab.ConfigError, match="integer task ids"):
+        with peftlab.task_ids(model, [[0, 1]]):
             pass
-    with pytest.raises(peftlab.ConfigError, match="one integer"):
-        with peftlab.poly_tasks(model, [[0, 1]]):
-            pass
-    with pytest.raises(peftlab.StateError, match="no Poly adapter"):
-        with peftlab.poly_tasks(peftlab.attach(make_llama(), "lora"), [0]):
+    with pytest.raises(peftlab.StateError, match="no peftlab adapters"):
+        with peftlab.task_ids(make_llama(), [0]):
             pass
 
 
 def test_generate_keeps_the_rows_tasks_at_every_step(ids):
     model = randomize(peftlab.attach(make_llama(), "poly[n_tasks=2]"))
-    with peftlab.poly_tasks(model, [1, 0, 1]):
+    with peftlab.task_ids(model, [1, 0, 1]):
         out = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert out.shape == (3, 10)
 
 
 def test_save_load_round_trip_is_exact(ids, tmp_path):
     model = randomize(peftlab.attach(make_llama(), "poly[n_tasks=3,n_skills=2,n_splits=2,r=4]"))
-    with peftlab.poly_tasks(model, [2, 1, 0]):
+    with peftlab.task_ids(model, [2, 1, 0]):
         expected = logits(model, ids)
     peftlab.save(model, tmp_path)
     loaded = peftlab.load(make_llama(), tmp_path)
-    with peftlab.poly_tasks(loaded, [2, 1, 0]):
+    with peftlab.task_ids(loaded, [2, 1, 0]):
         torch.testing.assert_close(logits(loaded, ids), expected, rtol=0, atol=0)
 
 
@@ -176,7 +176,7 @@ def peft_poly_logits(factory, folder, ids, tasks):
 
 
 def ours_logits(model, ids, tasks):
-    with peftlab.poly_tasks(model, tasks):
+    with peftlab.task_ids(model, tasks):
         return logits(model, ids)
 
 
@@ -254,3 +254,19 @@ def test_the_benchmark_twin_runs_peft_poly_without_task_ids(ids):
     assert llama.generate(input_ids=ids, max_new_tokens=2, do_sample=False, pad_token_id=0).shape == (3, 9)
     assert sum(p.numel() for p in llama.parameters() if p.requires_grad) == \
         peftlab.summary(peftlab.attach(make_llama(), "poly"))["trainable"]
+
+
+def test_the_trainer_gives_a_task_ids_column_to_the_routing():
+    """A batch's ``task_ids`` column reaches the router: rows of task 1 only move Z's row 1."""
+    from peftlab.train import TrainConfig, train
+
+    model = peftlab.attach(make_llama(initializer_range=0.2), "poly[n_tasks=3]")
+    router = next(m for n, m in model.named_modules() if n.endswith("poly_router"))
+    before = [p.detach().clone() for p in router.parameters()][0]
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": (ids := torch.randint(3, 90, (8,), generator=g).tolist()), "labels": ids, "task_ids": 1}
+            for _ in range(8)]
+    train(model, rows, TrainConfig(steps=2, batch_size=4, lr=1e-2, progress=False, device="cpu"))
+    after = [p.detach() for p in router.parameters()][0]
+    assert not torch.equal(after[1], before[1])
+    torch.testing.assert_close(after[[0, 2]], before[[0, 2]], rtol=0, atol=0)

@@ -23,10 +23,10 @@ from .formats.io import load, save  # noqa: E402
 from .methods import METHODS  # noqa: E402
 from .quant import quantize  # noqa: E402
 from .prune import binarize, prune_ranks  # noqa: E402
-from .methods.poly import poly_tasks  # noqa: E402
+from .core.tasks import task_ids  # noqa: E402
 
 __all__ = [
     "attach", "summary", "save", "load", "set_active", "disabled", "routing", "merge", "unmerge", "unload", "delete",
     "METHODS", "PeftlabError", "ConfigError", "TargetError", "AdapterFormatError", "IncompatibleBaseError",
-    "StateError", "TrainingError", "DataError", "Job", "train_many", "combine", "poly_tasks",
+    "StateError", "TrainingError", "DataError", "Job", "train_many", "combine", "task_ids",
 ]

@@ -22,6 +22,7 @@ class AdapterState:
     merged: list = field(default_factory=list)  # names whose weights are folded into the base
     base_name: str | None = None  # name or path of the base model, recorded on save
     composition: object = None  # a compose.blocks composition while one is installed
+    task_ids: object = None  # set inside peftlab.task_ids(): each row's task (Poly, multitask prompts)
 
     def check_known(self, names) -> None:
         from ..errors import ConfigError

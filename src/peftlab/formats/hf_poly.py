@@ -5,7 +5,7 @@
 layer, ``base_model.model.<module path>.poly_lora_A`` (n_splits, n_skills, in / n_splits, r),
 ``...poly_lora_B`` (n_splits, n_skills, r, out / n_splits) and the layer's routing matrix
 ``...poly_router.module_logits`` (n_tasks, n_splits * n_skills). PEFT's Poly model takes the rows'
-task ids as ``model(..., task_ids=...)``; peftlab as ``with peftlab.poly_tasks(model, task_ids)``.
+task ids as ``model(..., task_ids=...)``; peftlab as ``with peftlab.task_ids(model, task_ids)``.
 """
 from __future__ import annotations
 

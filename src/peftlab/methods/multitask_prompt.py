@@ -15,13 +15,13 @@ What: task ``t``'s virtual tokens (length x hidden) are::
 input embeddings as prompt tuning does (``prompting.py``). Each batch row carries a task id and gets
 its task's prompt, so rows of different tasks share one batch.
 
-Task ids: ``with tasks(model, ids): model(...)`` sets one id per batch row (a list, a tensor, or one
-int for every row) for every forward and ``generate`` inside the block. A context object, like
-``peftlab.routing``, because the ids are per-row information that is set once for the whole call,
-not an input of the model: transformers models (and ``generate``, which checks its keyword inputs)
-have no ``task_ids`` argument to carry it, and peftlab never changes a model's forward signature.
-Outside the block every row is task 0, which is the only task when ``tasks=1`` (target-task
-tuning, and the trainer's case); with more tasks a forward without ids is an error.
+Task ids: ``with peftlab.task_ids(model, ids): model(...)`` (``core/tasks.py``, shared with Poly)
+sets one id per batch row (a list, a tensor, or one int for every row) for every forward and
+``generate`` inside the block; the trainer sets it from a batch's ``task_ids`` column. A context,
+like ``peftlab.routing``, because transformers models (and ``generate``, which checks its keyword
+inputs) have no ``task_ids`` argument, and peftlab never changes a model's forward signature.
+Without ids every row is task 0, the only task when ``tasks=1`` (target-task tuning); with more
+tasks a forward without ids is an error.
 
 Initialisation (HF PEFT's ``prompt_tuning_init`` values): the factors start at N(0, 0.02) as in
 PEFT; the shared prompt from ``init=random`` / ``vocab`` / ``text`` as in prompt tuning, or from a
@@ -44,7 +44,6 @@ Mergeable: no. The prompt is extra input, not a change to any weight.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -54,7 +53,9 @@ from torch import nn
 
 from ..core import model_adapters
 from ..core.config import MethodConfig
-from ..errors import AdapterFormatError, ConfigError, IncompatibleBaseError, StateError
+from ..core.state import get_state
+from ..core.tasks import row_tasks
+from ..errors import AdapterFormatError, ConfigError, IncompatibleBaseError
 from .prompt_tuning import check_text_init, initial_prompt
 from .prompting import SAVED_KEY, InputPrompt, check_length, input_embeddings
 from .prompting import EXAMPLE_MODEL_SETTINGS  # noqa: F401  (the registry tests' model)
@@ -179,7 +180,6 @@ class MultitaskPrompt(InputPrompt):
         self.prompt_embeddings = nn.Parameter(shared)
         self.prefix_task_cols = nn.Parameter(cols)
         self.prefix_task_rows = nn.Parameter(rows)
-        self.task_ids = None  # set by tasks(model, ids): one task id per row, or one for all rows
 
     @property
     def tasks(self) -> int:
@@ -194,43 +194,9 @@ class MultitaskPrompt(InputPrompt):
         return task_prompts(self.prompt_embeddings, self.prefix_task_cols, self.prefix_task_rows)[ids]
 
     def row_tasks(self, batch: int) -> torch.Tensor:
-        """The task id of each of ``batch`` rows, checked."""
-        device = self.prompt_embeddings.device
-        if self.task_ids is None:
-            if self.tasks > 1:
-                raise StateError(f"this multitask prompt has {self.tasks} tasks: say which task each row is, "
-                                 "`with peftlab.methods.multitask_prompt.tasks(model, task_ids): model(...)`")
-            return torch.zeros(batch, dtype=torch.long, device=device)
-        ids = self.task_ids.to(device)
-        if ids.dim() == 0:
-            ids = ids.expand(batch)
-        if ids.shape[0] != batch:
-            raise StateError(f"tasks(...) gave {ids.shape[0]} task ids, but the batch has {batch} rows; give one id per row "
-                             "(or one int for all rows)")
-        if bool((ids < 0).any()) or bool((ids >= self.tasks).any()):
-            raise StateError(f"task ids must be in 0..{self.tasks - 1}, got {ids.tolist()}")
-        return ids
-
-
-@contextlib.contextmanager
-def tasks(model: nn.Module, task_ids):
-    """Within the block, the model's multitask prompts give batch row ``i`` the prompt of task
-    ``task_ids[i]`` (a list or 1D tensor of ints, one per row; or one int for every row)."""
-    ids = torch.as_tensor(task_ids)
-    if ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8) or ids.dim() > 1 or ids.numel() == 0:
-        raise ConfigError(f"tasks() needs integer task ids, one per batch row (or one int for all rows); got {task_ids!r}")
-    modules = [m for _, _, m in model_adapters.model_adapters(model) if isinstance(m, MultitaskPrompt)]
-    if not modules:
-        raise StateError("tasks() sets task ids for multitask prompts, and this model has none; attach "
-                         "'multitask_prompt[tasks=...]' first")
-    previous = [m.task_ids for m in modules]
-    for module in modules:
-        module.task_ids = ids.long()
-    try:
-        yield model
-    finally:
-        for module, before in zip(modules, previous):
-            module.task_ids = before
+        """The task id of each of ``batch`` rows (``peftlab.task_ids``), checked."""
+        return row_tasks(self.__dict__.get("state"), batch, self.prompt_embeddings.device, n_tasks=self.tasks,
+                         method="multitask_prompt")
 
 
 Config = MultitaskPromptConfig
@@ -238,4 +204,6 @@ Config = MultitaskPromptConfig
 
 def make_model_adapter(model: nn.Module, config: MultitaskPromptConfig) -> MultitaskPrompt:
     stack = model_adapters.backbone(model)
-    return MultitaskPrompt(stack, *initial_state(input_embeddings(stack, config.method).weight, config))
+    prompt = MultitaskPrompt(stack, *initial_state(input_embeddings(stack, config.method).weight, config))
+    prompt.__dict__["state"] = get_state(model, create=True)  # where peftlab.task_ids puts the rows' tasks
+    return prompt

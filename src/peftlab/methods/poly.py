@@ -19,15 +19,13 @@ blocks and each block has its own routing row: ``Z`` is ``n_tasks x (n_splits * 
 ``B`` starts at zero, so the model is the base model at step 0.
 
 Task ids per row. The update depends on each row's task, so the model needs one task id per
-batch row. peftlab takes them as a context, ``with peftlab.poly_tasks(model, task_ids): ...``,
-the same shape as ``peftlab.routing``: set once for the whole forward (and every decoding step of
-``generate``), read by every Poly layer. HF PEFT instead takes ``task_ids=`` as a forward keyword
-and hooks it into every layer; here that would mean intercepting the keyword before a transformers
-model sees it (``forward`` and ``generate`` both reject unknown keywords), i.e. patching the
-model's entry points, which peftlab never does. The context composes with ``peftlab.routing``:
-a Poly adapter given some rows of a routed batch picks those rows' task ids. With ``n_tasks=1``
-(the default) no ids are needed: every row is task 0, so the plain trainer and every generic tool
-work unchanged; with more tasks a forward without ids is a clear error.
+batch row: ``with peftlab.task_ids(model, ids): ...`` (``core/tasks.py``, shared with multitask
+prompt tuning), set once for the whole forward (and every decoding step of ``generate``) and read
+by every Poly layer; the trainer sets it from a batch's ``task_ids`` column. HF PEFT instead takes
+``task_ids=`` as a forward keyword, which transformers' ``forward`` and ``generate`` reject. It
+composes with ``peftlab.routing``: a Poly adapter given some rows of a routed batch picks those
+rows' task ids. With ``n_tasks=1`` (the default) no ids are needed: every row is task 0; with more
+tasks a forward without ids is a clear error.
 
 Reads and writes HF PEFT's ``POLY`` format exactly (``formats/hf_poly.py``): ``poly_lora_A``
 (n_splits, n_skills, in / n_splits, r), ``poly_lora_B`` (n_splits, n_skills, r, out / n_splits),
@@ -44,7 +42,6 @@ Reads and writes HF PEFT's ``POLY`` format exactly (``formats/hf_poly.py``): ``p
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import ClassVar
@@ -54,7 +51,8 @@ from torch import nn
 from torch.distributions.relaxed_bernoulli import RelaxedBernoulli
 
 from ..core.config import MethodConfig
-from ..errors import ConfigError, StateError
+from ..core.tasks import row_tasks
+from ..errors import ConfigError
 from .lora import base_weight
 from .vera import can_wrap, refuse_non_linear  # noqa: F401  (protocol: nn.Linear, Conv1D refused clearly)
 
@@ -68,7 +66,6 @@ INVALID_SETTINGS = ("r=0", "n_tasks=0", "n_skills=0", "n_splits=0", "init=ones",
 INITS = ("zeros", "kaiming")
 EXAMPLE_MODEL_SETTINGS = {"initializer_range": 0.2}  # weights at a pretrained scale: a random tiny model's blocks barely act
 EPS = 1e-12  # keeps the normalisation finite when every skill's weight is zero (PEFT's value)
-HOLDER = "_peftlab_poly_tasks"
 
 
 @dataclass
@@ -125,41 +122,6 @@ def poly_delta(x: torch.Tensor, weights: torch.Tensor, A: torch.Tensor, B: torch
     return (h @ A_t @ B_t / A.shape[-1]).reshape(*x.shape[:-1], B_t.shape[-1])
 
 
-# ---- task ids ----------------------------------------------------------------------------------
-
-class TaskIds:
-    """The task id of each batch row, shared by every Poly adapter of one model."""
-
-    def __init__(self, state):
-        self.ids = None
-        self.state = state  # the model's AdapterState, for the rows of a routed batch
-
-
-@contextlib.contextmanager
-def poly_tasks(model: nn.Module, task_ids):
-    """Run each batch row as its task (``task_ids``: one integer per row) in every Poly adapter;
-    set once for every forward inside the block, including each step of ``generate``."""
-    holder = model.__dict__.get(HOLDER)
-    if holder is None or not any(isinstance(a, PolyLinear) for a in model.modules()):
-        raise StateError("poly_tasks: this model has no Poly adapter; attach one first "
-                         "(peftlab.attach(model, 'poly[n_tasks=4]'))")
-    ids = torch.as_tensor(task_ids)
-    if ids.dim() != 1 or not len(ids) or ids.is_floating_point() or ids.dtype == torch.bool:
-        raise ConfigError(f"poly_tasks: give one integer task id per batch row (a list or 1-D tensor), got {task_ids!r}")
-    ids = ids.long()
-    from ..core.adapters import all_adapters
-
-    limit = min((a.n_tasks for _, a in all_adapters(model) if isinstance(a, PolyLinear)), default=0)
-    if int(ids.min()) < 0 or int(ids.max()) >= limit:
-        raise ConfigError(f"poly_tasks: task ids must be in 0..{limit - 1} (the adapter has n_tasks={limit}), got "
-                          f"{ids.tolist()}")
-    previous, holder.ids = holder.ids, ids
-    try:
-        yield model
-    finally:
-        holder.ids = previous
-
-
 # ---- module ----------------------------------------------------------------------------------
 
 class PolyRouter(nn.Module):
@@ -194,24 +156,9 @@ class PolyLinear(nn.Module):
         self.poly_router = PolyRouter(config.n_tasks, q, config.n_skills, like)
 
     def task_rows(self, rows: int, device) -> torch.Tensor:
-        """The task id of each of the ``rows`` rows this layer is given."""
-        holder = self.__dict__.get("tasks")
-        ids = None if holder is None else holder.ids
-        if ids is None:
-            if self.n_tasks == 1:
-                return torch.zeros(rows, dtype=torch.long, device=device)
-            raise StateError(f"poly: this adapter has n_tasks={self.n_tasks}; give each batch row its task, "
-                             "e.g. `with peftlab.poly_tasks(model, [0, 2, 1]): model(...)`")
-        ids = ids.to(device)
-        if len(ids) == rows:
-            return ids
-        routing = holder.state.routing if holder.state is not None else None
-        if routing is not None and routing.rows == len(ids):  # some rows of a routed batch: their ids
-            picked = routing.segments(device).get(self.__dict__.get("adapter_name"))
-            if picked is not None and len(picked) == rows:
-                return ids.index_select(0, picked)
-        raise StateError(f"poly: poly_tasks gave {len(ids)} task ids but the batch has {rows} rows; give one per row "
-                         "(beam search and num_return_sequences > 1 change the batch size)")
+        """The task id of each of the ``rows`` rows this layer is given (``peftlab.task_ids``)."""
+        return row_tasks(self.__dict__.get("state"), rows, device, n_tasks=self.n_tasks, method="poly",
+                         adapter_name=self.__dict__.get("adapter_name"))
 
     def forward(self, x, base_out):
         weights = self.poly_router(self.task_rows(x.shape[0], x.device))
@@ -244,14 +191,10 @@ def make_adapter(module: nn.Module, config: PolyConfig, name: str) -> PolyLinear
 
 
 def after_attach(model: nn.Module, name: str, config: PolyConfig) -> None:
-    """Give every Poly layer of the model the one holder of the rows' task ids."""
+    """Give every Poly layer the model's state, where ``peftlab.task_ids`` puts the rows' tasks."""
     from ..core.adapters import method_adapters
     from ..core.state import get_state
 
-    holder = model.__dict__.get(HOLDER)
-    if holder is None:
-        holder = TaskIds(get_state(model))
-        object.__setattr__(model, HOLDER, holder)
     for _, adapter in method_adapters(model, name, config.method):
-        adapter.__dict__["tasks"] = holder
+        adapter.__dict__["state"] = get_state(model)
         adapter.__dict__["adapter_name"] = name

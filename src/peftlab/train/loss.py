@@ -114,7 +114,14 @@ def plain_head(model: nn.Module) -> nn.Linear | None:
 
 def training_loss(model: nn.Module, batch: dict, chunked: bool = True) -> torch.Tensor | None:
     """The loss of ``batch``: blockwise for a causal LM with a plain head (when ``chunked``), else
-    ``model(**batch).loss`` (None when the model returns no loss)."""
+    ``model(**batch).loss`` (None when the model returns no loss). A ``task_ids`` column (one task
+    per row, for Poly and multitask prompts) is given to the model through ``peftlab.task_ids``."""
+    if "task_ids" in batch:
+        from ..core.tasks import task_ids
+
+        batch = dict(batch)
+        with task_ids(model, batch.pop("task_ids")):
+            return training_loss(model, batch, chunked)
     head = plain_head(model) if chunked and "labels" in batch else None
     if head is None:
         return getattr(model(**batch), "loss", None)
