@@ -25,7 +25,7 @@ from ..core.targets import named_base_modules
 from ..errors import AdapterFormatError, IncompatibleBaseError
 from ..methods.adalora import AdaLoraConfig
 from ..methods.lora import base_weight
-from .hf_common import PREFIX, target_names
+from .hf_common import PREFIX, present_modules_to_save, target_names
 
 PEFT_TYPES = ("ADALORA",)
 SUFFIXES = ("lora_A", "lora_E", "lora_B", "ranknum")
@@ -139,8 +139,7 @@ def from_hf(model: nn.Module, hf: dict, tensors: dict, name: str, source) -> Non
     masks = masks_from_hf(hf.get("rank_pattern"), list(per_module), config.r, source)
     _check_shapes(model, per_module, masks, source)
     base_names = [n for n, _ in named_base_modules(model)]
-    config.modules_to_save = [m for m in dict.fromkeys(config.modules_to_save)
-                              if any(n == m or n.endswith("." + m) for n in base_names)]
+    config.modules_to_save = present_modules_to_save(config.modules_to_save, base_names)
     core.attach(model, config, name=name)
     for module_name, layer in core.adapter_layers(model, name):
         layer.adapters[name].load_triplets(masks[module_name], per_module[module_name])

@@ -21,7 +21,8 @@ from ..core.state import require_state
 from ..core.targets import named_base_modules
 from ..errors import AdapterFormatError, ConfigError, IncompatibleBaseError
 from ..methods.c3a import C3AConfig
-from .hf_common import PREFIX, linear_modules, refuse_base_training, target_names
+from .hf_common import (PREFIX, linear_modules, module_tensors,
+                        present_modules_to_save, refuse_base_training, target_names)
 
 PEFT_TYPES = ("C3A",)
 KEY = "c3a_kernel"
@@ -84,23 +85,14 @@ def config_from_hf(hf: dict, per_module: dict) -> C3AConfig:
 
 def from_hf(model: nn.Module, hf: dict, tensors: dict, name: str, source) -> None:
     """Attach the C3A in (``hf``, ``tensors``) to ``model`` as ``name``; ``io.load`` undoes it on error."""
-    per_module = {}
-    for key, value in tensors.items():
-        if not key.startswith(PREFIX):
-            raise AdapterFormatError(f"{source}: unexpected tensor name {key!r}: keys should start with {PREFIX!r}")
-        module_name, _, local = key[len(PREFIX):].rpartition(".")
-        if local == KEY:
-            per_module[module_name] = value
-    if not per_module:
-        raise AdapterFormatError(f"{source}: the weights file holds no C3A tensors (keys ending in {KEY})")
+    per_module = {m: found[KEY] for m, found in module_tensors(tensors, (KEY,), source, "C3A").items()}
     for module_name, value in per_module.items():
         if value.dim() != 3 or not value.dtype.is_floating_point:
             raise AdapterFormatError(f"{source}: '{module_name}.{KEY}' is {tuple(value.shape)} {value.dtype}; a C3A kernel "
                                      "is a floating-point (out / b, in / b, b) tensor")
     config = config_from_hf(hf, per_module)
     modules = linear_modules(model, per_module, source, "C3A")
-    config.modules_to_save = [m for m in dict.fromkeys(config.modules_to_save)
-                              if any(n == m or n.endswith("." + m) for n in modules)]
+    config.modules_to_save = present_modules_to_save(config.modules_to_save, modules)
     core.attach(model, config, name=name)
     for module_name, layer in core.adapter_layers(model, name):
         value, adapter = per_module[module_name], layer.adapters[name]

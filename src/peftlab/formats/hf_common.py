@@ -43,3 +43,29 @@ def refuse_base_training(hf: dict, method: str) -> None:
     if hf.get("fan_in_fan_out"):
         raise AdapterFormatError(f"adapter_config.json has fan_in_fan_out=true (GPT-2 Conv1D layers); peftlab's {method} "
                                  "adapts nn.Linear layers only")
+
+
+def module_tensors(tensors: dict, keys, source, method: str, skip=()) -> dict:
+    """``{module path: {local name: tensor}}`` of the tensors whose last name part is one of
+    ``keys`` (``base_model.model.<module path>.<local name>``); keys in ``skip`` (an adapter's
+    shared tensors) are passed over, any other key outside PEFT's prefix is an error, and a file
+    with none of ``keys`` is refused, naming ``method``."""
+    per_module: dict = {}
+    for key, value in tensors.items():
+        if key in skip:
+            continue
+        if not key.startswith(PREFIX):
+            raise AdapterFormatError(f"{source}: unexpected tensor name {key!r}: keys should start with {PREFIX!r}")
+        module_name, _, local = key[len(PREFIX):].rpartition(".")
+        if local in keys:
+            per_module.setdefault(module_name, {})[local] = value
+    if not per_module:
+        raise AdapterFormatError(f"{source}: the weights file holds no {method} tensors (keys ending in "
+                                 f"{' or '.join(keys)})")
+    return per_module
+
+
+def present_modules_to_save(names, base_modules) -> list:
+    """The ``modules_to_save`` entries this model has (PEFT writes every head name a task might
+    use, e.g. ["classifier", "score"] for SEQ_CLS), each once."""
+    return [m for m in dict.fromkeys(names) if any(n == m or n.endswith("." + m) for n in base_modules)]

@@ -18,7 +18,8 @@ from ..core.state import require_state
 from ..core.targets import named_base_modules
 from ..errors import AdapterFormatError, ConfigError
 from ..methods.delora import DeloraConfig
-from .hf_common import PREFIX, linear_modules, refuse_base_training, target_names
+from .hf_common import (PREFIX, linear_modules, module_tensors,
+                        present_modules_to_save, refuse_base_training, target_names)
 from .hf_fourierft import peft_counts
 
 PEFT_TYPES = ("DELORA",)
@@ -80,15 +81,7 @@ def config_from_hf(hf: dict, modules: list) -> DeloraConfig:
 
 def from_hf(model: nn.Module, hf: dict, tensors: dict, name: str, source) -> None:
     """Attach the DeLoRA in (``hf``, ``tensors``) to ``model`` as ``name``; ``io.load`` undoes it on error."""
-    per_module = {}
-    for key, value in tensors.items():
-        if not key.startswith(PREFIX):
-            raise AdapterFormatError(f"{source}: unexpected tensor name {key!r}: keys should start with {PREFIX!r}")
-        module_name, _, local = key[len(PREFIX):].rpartition(".")
-        if local in KEYS:
-            per_module.setdefault(module_name, {})[local] = value
-    if not per_module:
-        raise AdapterFormatError(f"{source}: the weights file holds no DeLoRA tensors (keys ending in delora_A, delora_B, ...)")
+    per_module = module_tensors(tensors, KEYS, source, "DeLoRA")
     for module_name, found in per_module.items():
         missing = [k for k in KEYS if k not in found]
         if missing:
@@ -96,8 +89,7 @@ def from_hf(model: nn.Module, hf: dict, tensors: dict, name: str, source) -> Non
                                      f"{', '.join(KEYS)}")
     config = config_from_hf(hf, list(per_module))
     modules = linear_modules(model, per_module, source, "DeLoRA")
-    config.modules_to_save = [m for m in dict.fromkeys(config.modules_to_save)
-                              if any(n == m or n.endswith("." + m) for n in modules)]
+    config.modules_to_save = present_modules_to_save(config.modules_to_save, modules)
     core.attach(model, config, name=name)
     for module_name, layer in core.adapter_layers(model, name):
         found, adapter = per_module[module_name], layer.adapters[name]

@@ -20,7 +20,8 @@ from ..core.state import require_state
 from ..core.targets import named_base_modules
 from ..errors import AdapterFormatError, ConfigError
 from ..methods.fourierft import FourierFTConfig
-from .hf_common import PREFIX, linear_modules, refuse_base_training, target_names
+from .hf_common import (PREFIX, linear_modules, module_tensors,
+                        present_modules_to_save, refuse_base_training, target_names)
 
 PEFT_TYPES = ("FOURIERFT",)
 KEY = "fourierft_spectrum"
@@ -85,19 +86,10 @@ def config_from_hf(hf: dict, modules: list) -> FourierFTConfig:
 
 def from_hf(model: nn.Module, hf: dict, tensors: dict, name: str, source) -> None:
     """Attach the FourierFT in (``hf``, ``tensors``) to ``model`` as ``name``; ``io.load`` undoes it on error."""
-    per_module = {}
-    for key, value in tensors.items():
-        if not key.startswith(PREFIX):
-            raise AdapterFormatError(f"{source}: unexpected tensor name {key!r}: keys should start with {PREFIX!r}")
-        module_name, _, local = key[len(PREFIX):].rpartition(".")
-        if local == KEY:
-            per_module[module_name] = value
-    if not per_module:
-        raise AdapterFormatError(f"{source}: the weights file holds no FourierFT tensors (keys ending in {KEY})")
+    per_module = {m: found[KEY] for m, found in module_tensors(tensors, (KEY,), source, "FourierFT").items()}
     config = config_from_hf(hf, list(per_module))
     modules = linear_modules(model, per_module, source, "FourierFT")
-    config.modules_to_save = [m for m in dict.fromkeys(config.modules_to_save)
-                              if any(n == m or n.endswith("." + m) for n in modules)]
+    config.modules_to_save = present_modules_to_save(config.modules_to_save, modules)
     core.attach(model, config, name=name)
     for module_name, layer in core.adapter_layers(model, name):
         value, adapter = per_module[module_name], layer.adapters[name]

@@ -18,7 +18,7 @@ from ..core.state import require_state
 from ..core.targets import named_base_modules
 from ..errors import AdapterFormatError, ConfigError
 from ..methods.gralora import GraloraConfig
-from .hf_common import PREFIX, linear_modules, refuse_base_training, target_names
+from .hf_common import PREFIX, linear_modules, present_modules_to_save, refuse_base_training, target_names
 
 PEFT_TYPES = ("GRALORA",)
 BLOCK_KEYS = ("gralora_A", "gralora_B")
@@ -88,8 +88,7 @@ def from_hf(model: nn.Module, hf: dict, tensors: dict, name: str, source) -> Non
         raise AdapterFormatError(f"{source}: the weights file holds no GraLoRA tensors (keys ending in gralora_A / gralora_B)")
     config = config_from_hf(hf, list(per_module))
     modules = linear_modules(model, per_module, source, "GraLoRA")
-    config.modules_to_save = [m for m in dict.fromkeys(config.modules_to_save)
-                              if any(n == m or n.endswith("." + m) for n in modules)]
+    config.modules_to_save = present_modules_to_save(config.modules_to_save, modules)
     core.attach(model, config, name=name)
     for module_name, layer in core.adapter_layers(model, name):
         values, adapter = per_module[module_name], layer.adapters[name]

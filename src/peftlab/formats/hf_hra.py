@@ -17,7 +17,8 @@ from ..core.state import require_state
 from ..core.targets import named_base_modules
 from ..errors import AdapterFormatError, ConfigError
 from ..methods.hra import HraConfig
-from .hf_common import PREFIX, linear_modules, refuse_base_training, target_names
+from .hf_common import (PREFIX, linear_modules, module_tensors,
+                        present_modules_to_save, refuse_base_training, target_names)
 
 PEFT_TYPES = ("HRA",)
 KEY = "hra_u"
@@ -71,19 +72,10 @@ def config_from_hf(hf: dict, modules: list) -> HraConfig:
 
 def from_hf(model: nn.Module, hf: dict, tensors: dict, name: str, source) -> None:
     """Attach the HRA in (``hf``, ``tensors``) to ``model`` as ``name``; ``io.load`` undoes it on error."""
-    per_module = {}
-    for key, value in tensors.items():
-        if not key.startswith(PREFIX):
-            raise AdapterFormatError(f"{source}: unexpected tensor name {key!r}: keys should start with {PREFIX!r}")
-        module_name, _, local = key[len(PREFIX):].rpartition(".")
-        if local == KEY:
-            per_module[module_name] = value
-    if not per_module:
-        raise AdapterFormatError(f"{source}: the weights file holds no HRA tensors (keys ending in {KEY})")
+    per_module = {m: found[KEY] for m, found in module_tensors(tensors, (KEY,), source, "HRA").items()}
     config = config_from_hf(hf, list(per_module))
     modules = linear_modules(model, per_module, source, "HRA")
-    config.modules_to_save = [m for m in dict.fromkeys(config.modules_to_save)
-                              if any(n == m or n.endswith("." + m) for n in modules)]
+    config.modules_to_save = present_modules_to_save(config.modules_to_save, modules)
     try:
         core.attach(model, config, name=name)
     except ConfigError as error:

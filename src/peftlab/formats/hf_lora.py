@@ -25,7 +25,7 @@ from ..errors import AdapterFormatError, IncompatibleBaseError, TargetError
 from ..methods.dora import DoraConfig
 from ..methods.lora import LoraConfig, base_weight, is_conv, replicate_layers
 from . import hf_trainable_tokens
-from .hf_common import PREFIX, target_names
+from .hf_common import PREFIX, present_modules_to_save, target_names
 
 PEFT_TYPES = ("LORA",)
 ADAPTER_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector", "lora_embedding_A", "lora_embedding_B")
@@ -148,8 +148,7 @@ def from_hf(model: nn.Module, hf: dict, tensors: dict, name: str, source) -> Non
     # PEFT writes every head name it might use for the task (["classifier", "score"] for SEQ_CLS,
     # whatever the model has); keep those this model has.
     base_names = [n for n, _ in named_base_modules(model)]
-    config.modules_to_save = [m for m in dict.fromkeys(config.modules_to_save)
-                              if any(n == m or n.endswith("." + m) for n in base_names)]
+    config.modules_to_save = present_modules_to_save(config.modules_to_save, base_names)
     tokens, rows = hf_trainable_tokens.lora_token_config(hf, tensors, source)  # trainable_token_indices
     core.attach(model, [config, tokens] if tokens else config, name=name)
     if tokens:

@@ -25,7 +25,7 @@ from ..core.targets import named_base_modules
 from ..errors import AdapterFormatError, ConfigError, IncompatibleBaseError
 from ..methods.loha import CONVS, LohaConfig
 from ..methods.lokr import LokrConfig
-from .hf_common import PREFIX, linear_modules, target_names
+from .hf_common import PREFIX, linear_modules, present_modules_to_save, target_names
 
 PEFT_TYPES = ("LOHA", "LOKR")
 METHOD_OF = {"LOHA": "loha", "LOKR": "lokr"}
@@ -133,8 +133,7 @@ def from_hf(model: nn.Module, hf: dict, tensors: dict, name: str, source) -> Non
     _check_modules(model, per_module, source)
     base_names = [n for n, _ in named_base_modules(model)]
     # PEFT lists every head name the task might use (["classifier", "score"]); keep those this model has
-    config.modules_to_save = [m for m in dict.fromkeys(config.modules_to_save)
-                              if any(n == m or n.endswith("." + m) for n in base_names)]
+    config.modules_to_save = present_modules_to_save(config.modules_to_save, base_names)
     core.attach(model, config, name=name)
     for module_name, layer in core.adapter_layers(model, name):
         local, adapter = per_module[module_name], layer.adapters[name]

@@ -29,7 +29,7 @@ from ..core.targets import named_base_modules
 from ..errors import AdapterFormatError, ConfigError, IncompatibleBaseError
 from ..methods.boft import BoftConfig
 from ..methods.oft import DEFAULT_BLOCK_SIZE, OftConfig
-from .hf_common import PREFIX, linear_modules, refuse_base_training, target_names
+from .hf_common import PREFIX, linear_modules, present_modules_to_save, refuse_base_training, target_names
 
 PEFT_TYPES = ("OFT", "BOFT")
 METHOD_OF = {"OFT": "oft", "BOFT": "boft"}
@@ -125,8 +125,7 @@ def from_hf(model: nn.Module, hf: dict, tensors: dict, name: str, source) -> Non
     _check_widths(modules, per_module, peft_type, source)
     base_names = [n for n, _ in named_base_modules(model)]
     # PEFT lists every head name the task might use (["classifier", "score"]); keep those this model has
-    config.modules_to_save = [m for m in dict.fromkeys(config.modules_to_save)
-                              if any(n == m or n.endswith("." + m) for n in base_names)]
+    config.modules_to_save = present_modules_to_save(config.modules_to_save, base_names)
     try:
         core.attach(model, config, name=name)
     except ConfigError as error:

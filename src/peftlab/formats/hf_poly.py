@@ -16,7 +16,7 @@ from ..core.state import require_state
 from ..core.targets import named_base_modules
 from ..errors import AdapterFormatError, ConfigError
 from ..methods.poly import PolyConfig
-from .hf_common import PREFIX, linear_modules, target_names
+from .hf_common import PREFIX, linear_modules, present_modules_to_save, target_names
 
 PEFT_TYPES = ("POLY",)
 KEYS = ("poly_lora_A", "poly_lora_B", "poly_router.module_logits")
@@ -81,8 +81,7 @@ def from_hf(model: nn.Module, hf: dict, tensors: dict, name: str, source) -> Non
         raise AdapterFormatError(f"{source}: the weights file holds no Poly tensors (keys ending in {', '.join(KEYS)})")
     config = config_from_hf(hf, list(per_module))
     modules = linear_modules(model, per_module, source, "Poly")
-    config.modules_to_save = [m for m in dict.fromkeys(config.modules_to_save)
-                              if any(n == m or n.endswith("." + m) for n in modules)]
+    config.modules_to_save = present_modules_to_save(config.modules_to_save, modules)
     core.attach(model, config, name=name)
     for module_name, layer in core.adapter_layers(model, name):
         adapter, local = layer.adapters[name], per_module[module_name]

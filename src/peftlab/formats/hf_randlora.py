@@ -20,7 +20,8 @@ from ..core.state import require_state
 from ..core.targets import named_base_modules
 from ..errors import AdapterFormatError, ConfigError, IncompatibleBaseError
 from ..methods.randlora import RandLoraConfig
-from .hf_common import PREFIX, linear_modules, refuse_base_training, target_names
+from .hf_common import (PREFIX, linear_modules, module_tensors,
+                        present_modules_to_save, refuse_base_training, target_names)
 
 PEFT_TYPES = ("RANDLORA",)
 KEYS = ("randlora_lambda", "randlora_gamma")
@@ -87,17 +88,7 @@ def config_from_hf(hf: dict, modules: list) -> RandLoraConfig:
 
 def from_hf(model: nn.Module, hf: dict, tensors: dict, name: str, source) -> None:
     """Attach the RandLoRA in (``hf``, ``tensors``) to ``model`` as ``name``; ``io.load`` undoes it on error."""
-    per_module = {}
-    for key, value in tensors.items():
-        if key in BASES.values():
-            continue
-        if not key.startswith(PREFIX):
-            raise AdapterFormatError(f"{source}: unexpected tensor name {key!r}: keys should start with {PREFIX!r}")
-        module_name, _, local = key[len(PREFIX):].rpartition(".")
-        if local in KEYS:
-            per_module.setdefault(module_name, {})[local] = value
-    if not per_module:
-        raise AdapterFormatError(f"{source}: the weights file holds no RandLoRA tensors (keys ending in {', '.join(KEYS)})")
+    per_module = module_tensors(tensors, KEYS, source, "RandLoRA", skip=BASES.values())
     config = config_from_hf(hf, list(per_module))
     saved = [tensors.get(key) for key in BASES.values()]
     if config.save_projection and any(t is None for t in saved):
@@ -111,8 +102,7 @@ def from_hf(model: nn.Module, hf: dict, tensors: dict, name: str, source) -> Non
             raise IncompatibleBaseError(f"{source} was saved for a base whose '{module_name}' has a short side of "
                                         f"{gamma.shape[1]}, but this model's is {short}: wrong base model")
     base_names = [n for n, _ in named_base_modules(model)]
-    config.modules_to_save = [m for m in dict.fromkeys(config.modules_to_save)
-                              if any(n == m or n.endswith("." + m) for n in base_names)]
+    config.modules_to_save = present_modules_to_save(config.modules_to_save, base_names)
     core.attach(model, config, name=name)
     for module_name, layer in core.adapter_layers(model, name):
         local, adapter = per_module[module_name], layer.adapters[name]

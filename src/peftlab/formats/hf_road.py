@@ -20,7 +20,7 @@ from ..core.targets import named_base_modules
 from ..errors import AdapterFormatError, ConfigError
 from ..methods.road import VARIANTS, RoadConfig, parameter_size
 from . import native
-from .hf_common import PREFIX, linear_modules, target_names
+from .hf_common import PREFIX, linear_modules, module_tensors, present_modules_to_save, target_names
 
 PEFT_TYPES = ("ROAD",)
 KEYS = ("road_theta", "road_alpha")
@@ -80,15 +80,7 @@ def config_from_hf(hf: dict, modules: list) -> RoadConfig:
 
 def from_hf(model: nn.Module, hf: dict, tensors: dict, name: str, source) -> None:
     """Attach the RoAd in (``hf``, ``tensors``) to ``model`` as ``name``; ``io.load`` undoes it on error."""
-    per_module = {}
-    for key, value in tensors.items():
-        if not key.startswith(PREFIX):
-            raise AdapterFormatError(f"{source}: unexpected tensor name {key!r}: keys should start with {PREFIX!r}")
-        module_name, _, local = key[len(PREFIX):].rpartition(".")
-        if local in KEYS:
-            per_module.setdefault(module_name, {})[local] = value
-    if not per_module:
-        raise AdapterFormatError(f"{source}: the weights file holds no RoAd tensors (keys ending in {' or '.join(KEYS)})")
+    per_module = module_tensors(tensors, KEYS, source, "RoAd")
     incomplete = [m for m, found in per_module.items() if set(found) != set(KEYS)]
     if incomplete:
         raise AdapterFormatError(f"{source}: '{incomplete[0]}' lacks {', '.join(sorted(set(KEYS) - set(per_module[incomplete[0]])))}; "
@@ -100,8 +92,7 @@ def from_hf(model: nn.Module, hf: dict, tensors: dict, name: str, source) -> Non
         if out_features % config.group_size:
             raise AdapterFormatError(f"{source}: group_size={config.group_size} does not divide the {out_features} outputs "
                                      f"of '{module_name}'; the file was written for another base model")
-    config.modules_to_save = [m for m in dict.fromkeys(config.modules_to_save)
-                              if any(n == m or n.endswith("." + m) for n in modules)]
+    config.modules_to_save = present_modules_to_save(config.modules_to_save, modules)
     core.attach(model, config, name=name)
     for module_name, layer in core.adapter_layers(model, name):
         found, adapter = per_module[module_name], layer.adapters[name]

@@ -17,7 +17,8 @@ from ..core.state import require_state
 from ..core.targets import named_base_modules
 from ..errors import AdapterFormatError, ConfigError, IncompatibleBaseError
 from ..methods.shira import ShiraConfig
-from .hf_common import PREFIX, linear_modules, refuse_base_training, target_names
+from .hf_common import (PREFIX, linear_modules, module_tensors,
+                        present_modules_to_save, refuse_base_training, target_names)
 
 PEFT_TYPES = ("SHIRA",)
 VALUES, INDICES = "shira_weight", "shira_indices"
@@ -69,23 +70,14 @@ def config_from_hf(hf: dict, modules: list) -> ShiraConfig:
 
 def from_hf(model: nn.Module, hf: dict, tensors: dict, name: str, source) -> None:
     """Attach the SHiRA in (``hf``, ``tensors``) to ``model`` as ``name``; ``io.load`` undoes it on error."""
-    per_module: dict = {}
-    for key, value in tensors.items():
-        if not key.startswith(PREFIX):
-            raise AdapterFormatError(f"{source}: unexpected tensor name {key!r}: keys should start with {PREFIX!r}")
-        module_name, _, local = key[len(PREFIX):].rpartition(".")
-        if local in (VALUES, INDICES):
-            per_module.setdefault(module_name, {})[local] = value
-    if not per_module:
-        raise AdapterFormatError(f"{source}: the weights file holds no SHiRA tensors (keys ending in {VALUES})")
+    per_module = module_tensors(tensors, (VALUES, INDICES), source, "SHiRA")
     for module_name, pair in per_module.items():
         if set(pair) != {VALUES, INDICES}:
             raise AdapterFormatError(f"{source}: '{module_name}' has {sorted(pair)} but a SHiRA layer needs both "
                                      f"{VALUES} and {INDICES}")
     config = config_from_hf(hf, list(per_module))
     modules = linear_modules(model, per_module, source, "SHiRA")
-    config.modules_to_save = [m for m in dict.fromkeys(config.modules_to_save)
-                              if any(n == m or n.endswith("." + m) for n in modules)]
+    config.modules_to_save = present_modules_to_save(config.modules_to_save, modules)
     try:
         core.attach(model, config, name=name)
     except ConfigError as error:  # r * (in + out) larger than a layer: not the base the file was made for

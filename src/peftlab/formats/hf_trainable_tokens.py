@@ -20,7 +20,7 @@ from ..core.state import require_state
 from ..core.targets import named_base_modules
 from ..errors import AdapterFormatError, ConfigError, IncompatibleBaseError
 from ..methods.trainable_tokens import TrainableTokensConfig
-from .hf_common import PREFIX
+from .hf_common import PREFIX, present_modules_to_save
 
 PEFT_TYPES = ("TRAINABLE_TOKENS",)
 KEY = "trainable_tokens_delta"
@@ -86,8 +86,7 @@ def from_hf(model: nn.Module, hf: dict, tensors: dict, name: str, source) -> Non
         raise IncompatibleBaseError(f"{source} adapts modules this model does not have ({', '.join(missing[:3])}); "
                                     "it was saved for another base model")
     config = config_from_hf(hf, list(per_module))
-    config.modules_to_save = [m for m in dict.fromkeys(config.modules_to_save)
-                              if any(n == m or n.endswith("." + m) for n in modules)]
+    config.modules_to_save = present_modules_to_save(config.modules_to_save, modules)
     core.attach(model, config, name=name)
     load_rows(model, name, config, per_module, source)
 

@@ -21,7 +21,7 @@ from ..core.state import require_state
 from ..core.targets import named_base_modules
 from ..errors import AdapterFormatError, ConfigError, IncompatibleBaseError
 from ..methods.vblora import VBLoRAConfig, logits_from_topk, topk_from_logits
-from .hf_common import PREFIX, linear_modules, refuse_base_training, target_names
+from .hf_common import PREFIX, linear_modules, present_modules_to_save, refuse_base_training, target_names
 
 PEFT_TYPES = ("VBLORA",)
 KEYS = ("vblora_logits_A", "vblora_logits_B")
@@ -118,8 +118,7 @@ def from_hf(model: nn.Module, hf: dict, tensors: dict, name: str, source) -> Non
         per_module[module_name] = _logits(local, config, module_name, source)
     linear_modules(model, per_module, source, "VB-LoRA")
     base_names = [n for n, _ in named_base_modules(model)]
-    config.modules_to_save = [m for m in dict.fromkeys(config.modules_to_save)
-                              if any(n == m or n.endswith("." + m) for n in base_names)]
+    config.modules_to_save = present_modules_to_save(config.modules_to_save, base_names)
     try:
         core.attach(model, config, name=name)
     except ConfigError as error:  # a vector_length that does not divide this model's widths

@@ -18,7 +18,7 @@ from ..core.state import require_state
 from ..core.targets import named_base_modules
 from ..errors import AdapterFormatError, ConfigError, IncompatibleBaseError
 from ..methods.vera import VeraConfig
-from .hf_common import PREFIX, linear_modules, refuse_base_training, target_names
+from .hf_common import PREFIX, linear_modules, present_modules_to_save, refuse_base_training, target_names
 
 PEFT_TYPES = ("VERA",)
 KEYS = ("vera_lambda_b", "vera_lambda_d")
@@ -99,8 +99,7 @@ def from_hf(model: nn.Module, hf: dict, tensors: dict, name: str, source) -> Non
                                  f"{' and '.join(PROJECTION_KEYS.values())}; the file is incomplete")
     _check_modules(model, per_module, source)
     base_names = [n for n, _ in named_base_modules(model)]
-    config.modules_to_save = [m for m in dict.fromkeys(config.modules_to_save)
-                              if any(n == m or n.endswith("." + m) for n in base_names)]
+    config.modules_to_save = present_modules_to_save(config.modules_to_save, base_names)
     core.attach(model, config, name=name)
     for module_name, layer in core.adapter_layers(model, name):
         local, adapter = per_module[module_name], layer.adapters[name]

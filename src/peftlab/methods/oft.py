@@ -64,7 +64,7 @@ PAPER = "Qiu et al., 2023 (arXiv:2306.07280)"
 MERGEABLE = True
 INVALID_SETTINGS = ("r=-1", "block_size=-4", "module_dropout=1.5", "eps=0", "num_cayley_neumann_terms=0", "coft=maybe")
 # the trained numbers are rotation angles that start at zero (an SST-2 run at this rate is still to be measured)
-DEFAULT_LR = 1e-2
+DEFAULT_LR = 1e-3  # SST-2, seed 0: 0.776 at 1e-3; at 1e-2 the Neumann-series rotation runs away and stays at the majority class (0.509), peft's twin alike
 # a rotation keeps norms, so on a tiny random model (weights at 0.02) it barely moves the loss; at a pretrained
 # scale it trains fast (12 steps at 1e-2: loss x0.14 llama, x0.05 bert; at 0.02 scale x0.94 / x0.98)
 EXAMPLE_MODEL_SETTINGS = {"initializer_range": 0.2}
