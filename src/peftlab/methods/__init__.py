@@ -51,6 +51,7 @@ METHOD_FILES = (
     "road",
     "delora",
     "hra",
+    "deft",
     "miss",
     "qalora",
     "diff_pruning",
