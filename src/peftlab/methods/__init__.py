@@ -66,6 +66,7 @@ METHOD_FILES = (
     "ia3",
     "ssf",
     "bitfit",
+    "beft",
     "ln_tuning",
     "select",
     "houlsby",
