@@ -51,6 +51,7 @@ METHOD_FILES = (
     "road",
     "delora",
     "hra",
+    "osf",
     "miss",
     "qalora",
     "diff_pruning",
