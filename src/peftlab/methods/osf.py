@@ -23,7 +23,9 @@ is done by an identity function whose backward projects, so the parameters' ``.g
 the projected gradient, whatever optimizer follows (an adaptive optimizer such as Adam rescales
 entries afterwards, which is not exactly orthogonal; HF PEFT behaves the same way; plain SGD keeps
 the property exactly). Zeroth-order training (MeZO) perturbs parameters without gradients, so
-the projection does not apply to it.
+the projection does not apply to it. The paper also picks each layer's frozen rank adaptively
+(from a layer-importance score); as in HF PEFT, the ranks here are set by ``effective_rank`` and
+``rank_pattern`` instead.
 
 Reads and writes HF PEFT's ``OSF`` format exactly (``formats/hf_osf.py``): ``U_low``, ``S_low``,
 ``V_low`` under ``osf_svd_params``; ``effective_rank`` (an integer, a fraction in (0, 1] of
@@ -58,9 +60,9 @@ from .vera import can_wrap, refuse_non_linear  # noqa: F401  (protocol: nn.Linea
 CATEGORY = "reparameterized"
 PAPER = "Nayak et al., 2025 (arXiv:2504.07097)"
 MERGEABLE = True
-# Not measured yet (the lead measures SST-2): OSF trains about as many numbers as full fine-tuning
-# and the paper trains LLaMA-2 / T5 with full-fine-tuning rates; peftlab's full fine-tuning of the
-# MiniLM classifier uses 1e-4 (bench/grid.py FULL_LR), taken here.
+# Not measured yet (the lead measures SST-2); neither peft nor the paper's abstract gives a rate: OSF
+# trains about as many numbers as full fine-tuning, so peftlab's full fine-tuning rate for the MiniLM
+# classifier (1e-4, bench/grid.py FULL_LR) is the starting choice.
 DEFAULT_LR = 1e-4
 INVALID_SETTINGS = ("effective_rank=0", "effective_rank=-2", "effective_rank=1.5x", "init=ones", "rank_pattern=3")
 EXAMPLE_MODEL_SETTINGS = {"initializer_range": 0.2}  # weights at a pretrained scale: the trained singular factors move W in proportion to S
