@@ -253,6 +253,11 @@ def hf_twin(model, method: str, task: Task, spec: str | None = None):
         twin = peft.DeftConfig(r=config.r, decomposition_method=config.decomposition, alpha=config.alpha, para=config.para,
                                deft_dropout=config.dropout, init_weights=config.init == "identity",
                                init_scale=config.init_scale, target_modules=modules, task_type=task_type)
+    elif method == "beft":
+        twin = peft.BeftConfig(target_modules=modules, init_weights=config.init == "zeros", task_type=task_type)
+    elif method == "osf":
+        twin = peft.OSFConfig(effective_rank=config.effective_rank, rank_pattern=config.rank_pattern or None,
+                              init_weights=config.init == "svd", target_modules=modules, task_type=task_type)
     elif method == "ln_tuning":
         twin = peft.LNTuningConfig(target_modules=modules, task_type=task_type)
     elif method == "prompt":
