@@ -249,6 +249,11 @@ def hf_twin(model, method: str, task: Task, spec: str | None = None):
         twin.register_forward_pre_hook(lambda m, args, kw: (args, {"input_type_mask": torch.full_like(
             kw["input_ids"], label_type), **kw}) if kw.get("labels") is not None else None, with_kwargs=True)
         return twin
+    elif method == "pvera":
+        twin = peft.PveraConfig(r=config.r, d_initial=config.d_initial, pvera_dropout=config.dropout,
+                                projection_prng_key=config.projection_prng_key, save_projection=config.save_projection,
+                                sample_at_inference=config.sample_at_inference, generator_seed=config.generator_seed,
+                                target_modules=modules, task_type=task_type)
     elif method == "ln_tuning":
         twin = peft.LNTuningConfig(target_modules=modules, task_type=task_type)
     elif method == "prompt":

@@ -39,6 +39,7 @@ METHOD_FILES = (
     "lokr",
     "gralora",
     "vera",
+    "pvera",
     "vblora",
     "randlora",
     "fourierft",
