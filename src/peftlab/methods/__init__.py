@@ -41,6 +41,7 @@ METHOD_FILES = (
     "vera",
     "pvera",
     "vblora",
+    "unilora",
     "randlora",
     "fourierft",
     "waveft",
