@@ -745,11 +745,38 @@ def read_adapter_header(adapter) -> tuple[dict, dict]:
     return read_json(folder / CONFIG_NAME), read_safetensors_header(folder / WEIGHTS_NAME)
 
 
-# where an HF PEFT tensor name turns from the module's path into the method's own parameter
-ADAPTER_TENSOR = re.compile(r"\.(?=(?:lora|hada|lokr|ia3|vera_lambda|vblora_logits|randlora(?=_lambda|_gamma)|fourierft|oft|boft"
-                            r"|road|delora|gralora|waveft|shira|c3a|hra|deft|miss|trainable_tokens|poly|beft|osf)_)")
-# VeRA's and RandLoRA's random pair: saved (by PEFT's RandLoRA also under every layer), never trained
-SHARED_FROZEN = ("vera_A", "vera_B", "randlora_A", "randlora_B")
+# where an HF PEFT tensor name turns from the module's path into the method's own parameter: the
+# first part of each method's parameter names, one a line
+ADAPTER_PREFIXES = (
+    r"lora",
+    r"hada",
+    r"lokr",
+    r"ia3",
+    r"vera_lambda",
+    r"pvera_lambda",
+    r"vblora_logits",
+    r"unilora_indices",
+    r"randlora(?=_lambda|_gamma)",
+    r"fourierft",
+    r"oft",
+    r"boft",
+    r"road",
+    r"delora",
+    r"gralora",
+    r"waveft",
+    r"shira",
+    r"c3a",
+    r"hra",
+    r"miss",
+    r"trainable_tokens",
+    r"poly",
+    r"beft",
+    r"osf",
+    r"deft",
+)
+ADAPTER_TENSOR = re.compile(r"\.(?=(?:" + "|".join(ADAPTER_PREFIXES) + r")_)")
+# VeRA's and RandLoRA's random pair: saved (by PEFT's RandLoRA also under every layer), never trained; Uni-LoRA's scales
+SHARED_FROZEN = ("vera_A", "vera_B", "pvera_A", "pvera_B", "randlora_A", "randlora_B", "unilora_scales_A", "unilora_scales_B")
 INTEGER_DTYPES = ("I64", "I32", "I16", "I8", "U8", "BOOL")  # masks and positions, not trained numbers
 
 

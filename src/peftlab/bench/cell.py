@@ -258,6 +258,15 @@ def hf_twin(model, method: str, task: Task, spec: str | None = None):
     elif method == "osf":
         twin = peft.OSFConfig(effective_rank=config.effective_rank, rank_pattern=config.rank_pattern or None,
                               init_weights=config.init == "svd", target_modules=modules, task_type=task_type)
+    elif method == "pvera":
+        twin = peft.PveraConfig(r=config.r, d_initial=config.d_initial, pvera_dropout=config.dropout,
+                                projection_prng_key=config.projection_prng_key, save_projection=config.save_projection,
+                                sample_at_inference=config.sample_at_inference, generator_seed=config.generator_seed,
+                                target_modules=modules, task_type=task_type)
+    elif method == "unilora":
+        twin = peft.UniLoraConfig(r=config.r, theta_d_length=config.theta_d_length, proj_seed=config.proj_seed,
+                                  unilora_dropout=config.dropout, init_theta_d_bound=config.init_theta_d_bound,
+                                  save_indices=config.save_indices, target_modules=modules, task_type=task_type)
     elif method == "ln_tuning":
         twin = peft.LNTuningConfig(target_modules=modules, task_type=task_type)
     elif method == "prompt":

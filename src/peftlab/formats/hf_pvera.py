@@ -1,0 +1,118 @@
+"""Hugging Face PEFT's PVeRA format (``peft_type: PVERA``), read and written exactly.
+
+``adapter_config.json`` is a ``PveraConfig`` as PEFT writes it: VeRA's fields (``r``,
+``d_initial``, ``pvera_dropout``, ``projection_prng_key``, ``save_projection``, ``bias: "none"``,
+``fan_in_fan_out: false``) plus ``sample_at_inference`` and ``generator_seed``.
+``adapter_model.safetensors`` holds each layer's vectors as
+``base_model.model.<module path>.pvera_lambda_b`` (out) and ``.pvera_lambda_d`` (2r: mean half,
+then log-variance half) and, with ``save_projection``, the one shared pair as
+``base_model.pvera_A`` (2r x largest in) and ``base_model.pvera_B`` (largest out x r); without it
+the pair comes from ``projection_prng_key`` (``methods/pvera.py`` draws PEFT's matrices). Linear
+layers only; a file that trains biases is refused clearly.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..core import adapters as core
+from ..core.state import require_state
+from ..core.targets import named_base_modules
+from ..errors import AdapterFormatError, ConfigError, IncompatibleBaseError
+from ..methods.pvera import PveraConfig
+from .hf_common import PREFIX, linear_modules, module_tensors, present_modules_to_save, refuse_base_training, target_names
+
+PEFT_TYPES = ("PVERA",)
+KEYS = ("pvera_lambda_b", "pvera_lambda_d")
+PROJECTION_KEYS = ("base_model.pvera_A", "base_model.pvera_B")
+
+
+# ---- save ------------------------------------------------------------------------------------
+
+def writes(configs) -> bool:
+    return len(configs) == 1 and configs[0].method == "pvera"
+
+
+def to_hf(model: nn.Module, name: str, config: PveraConfig) -> tuple[dict, dict]:
+    """(adapter_config.json, tensors) of adapter ``name`` as PEFT writes a PVeRA."""
+    state = require_state(model)
+    tensors, modules, projections = {}, [], None
+    for module_name, layer in core.adapter_layers(model, name):
+        adapter = layer.adapters[name]
+        for key in KEYS:
+            tensors[f"{PREFIX}{module_name}.{key}"] = getattr(adapter, key).detach()
+        modules.append(module_name)
+        projections = adapter.projections()
+    if config.save_projection and projections is not None:
+        tensors.update({key: t.detach() for key, t in zip(PROJECTION_KEYS, projections)})
+    hf = {
+        "peft_type": "PVERA",
+        "base_model_name_or_path": state.base_name,
+        "r": config.r,
+        "target_modules": target_names(modules, dict(named_base_modules(model))),
+        "projection_prng_key": config.projection_prng_key,
+        "save_projection": config.save_projection,
+        "pvera_dropout": config.dropout,
+        "d_initial": config.d_initial,
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "modules_to_save": list(config.modules_to_save) or None,
+        "init_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "sample_at_inference": config.sample_at_inference,
+        "generator_seed": config.generator_seed,
+        "auto_mapping": None,
+    }
+    return hf, tensors
+
+
+# ---- load ------------------------------------------------------------------------------------
+
+def config_from_hf(hf: dict, modules: list) -> PveraConfig:
+    refuse_base_training(hf, "PVeRA")
+    try:
+        config = PveraConfig(targets=sorted(modules), r=hf.get("r", 256), d_initial=hf.get("d_initial", 0.1),
+                             dropout=hf.get("pvera_dropout", 0.0), projection_prng_key=hf.get("projection_prng_key", 0),
+                             save_projection=hf.get("save_projection", True),
+                             sample_at_inference=hf.get("sample_at_inference", False),
+                             generator_seed=hf.get("generator_seed"),
+                             modules_to_save=list(hf.get("modules_to_save") or []))
+        config.validate()
+    except (TypeError, ValueError, ConfigError) as error:
+        raise AdapterFormatError(f"adapter_config.json has invalid values: {error}") from None
+    return config
+
+
+def from_hf(model: nn.Module, hf: dict, tensors: dict, name: str, source) -> None:
+    """Attach the PVeRA in (``hf``, ``tensors``) to ``model`` as ``name``; ``io.load`` undoes it on error."""
+    per_module = module_tensors(tensors, KEYS, source, "PVeRA", skip=PROJECTION_KEYS)
+    config = config_from_hf(hf, list(per_module))
+    saved = [tensors.get(key) for key in PROJECTION_KEYS]
+    if config.save_projection and any(t is None for t in saved):
+        raise AdapterFormatError(f"{source}: adapter_config.json says save_projection=true, but the weights file lacks "
+                                 f"{' and '.join(PROJECTION_KEYS)}; the file is incomplete")
+    modules = linear_modules(model, per_module, source, "PVeRA")
+    for module_name, local in per_module.items():
+        b, out = local.get("pvera_lambda_b"), modules[module_name].out_features
+        if b is not None and b.shape[0] != out:
+            raise IncompatibleBaseError(f"{source} was saved for a base whose '{module_name}' has {b.shape[0]} outputs, "
+                                        f"but this model's has {out}: wrong base model")
+    config.modules_to_save = present_modules_to_save(config.modules_to_save, [n for n, _ in named_base_modules(model)])
+    core.attach(model, config, name=name)
+    for module_name, layer in core.adapter_layers(model, name):
+        local, adapter = per_module[module_name], layer.adapters[name]
+        expected = {k: tuple(getattr(adapter, k).shape) for k in KEYS}
+        found = {k: tuple(v.shape) for k, v in local.items()}
+        if expected != found:
+            raise AdapterFormatError(f"{source}: tensors for '{module_name}' are {found}, but the config (r) and the layer "
+                                     f"imply {expected}; the config and weights do not belong together")
+        adapter.load_state_dict(local, strict=False)
+    if config.save_projection:  # as saved (PEFT, too, ignores a saved pair when save_projection is false)
+        _, layer = next(core.adapter_layers(model, name))
+        for current, value, key in zip(layer.adapters[name].projections(), saved, PROJECTION_KEYS):
+            if tuple(current.shape) != tuple(value.shape):
+                raise AdapterFormatError(f"{source}: {key} is {tuple(value.shape)}, but r and the widest adapted layers "
+                                         f"imply {tuple(current.shape)}; the config and weights do not belong together")
+            with torch.no_grad():
+                current.copy_(value)
