@@ -345,3 +345,30 @@ def test_peft_lora_ga_and_corda_raw_files_are_refused_with_the_conversion_hint(t
     for init in ("lora_ga", "corda"):
         with pytest.raises(peftlab.AdapterFormatError, match="path_initial_model_for_weight_conversion"):
             config_from_hf({**hf, "init_lora_weights": init}, ["model.layers.0.self_attn.q_proj"])
+
+
+def test_eva_on_a_quantized_base_and_corda_lora_ga_refuse_one(ids):
+    model = make_llama()
+    peftlab.quantize(model, "int4", group_size=16)
+    before = logits(model, ids)
+    peftlab.attach(model, EVA)
+    lora_data.initialize(model, random_lm_batches())
+    torch.testing.assert_close(logits(model, ids), before, rtol=0, atol=0)
+    assert {a.r for a in adapters(model).values()} != {8}
+    for init in ("corda", "lora_ga"):
+        quantized = make_llama()
+        peftlab.quantize(quantized, "int4", group_size=16)
+        with pytest.raises(peftlab.ConfigError, match="quantized"):
+            peftlab.attach(quantized, f"lora[init={init},targets=q_proj]")
+
+
+@pytest.mark.parametrize("init", ["corda", "lora_ga", "eva"])
+def test_routing_rows_without_the_adapter_see_the_original_base(init, ids):
+    model = peftlab.attach(make_llama(), f"lora[r=2,init={init},targets=[q_proj,down_proj]]")
+    lora_data.initialize(model, random_lm_batches(), loss_fn=model_loss)
+    _nudge(model)
+    adapted, base = logits(model, ids), logits(make_llama(), ids)
+    with peftlab.routing(model, ["default", None, "default"]):
+        routed = logits(model, ids)
+    torch.testing.assert_close(routed[[0, 2]], adapted[[0, 2]], rtol=0, atol=1e-5)
+    torch.testing.assert_close(routed[1], base[1], rtol=0, atol=1e-5)

@@ -25,6 +25,9 @@ Variants here:
   ``peftlab.quantize(model, "nf4", loftq_rank=r)``, ``s B A`` starts at the rank-r correction LoftQ
   chose together with the quantized weights (``quant/loftq.py``), so quantized base + LoRA starts
   near the full-precision model instead of at the quantized one.
+- EVA (Paszke et al., 2024, arXiv:2410.07170), CorDA (Yang et al., 2024, arXiv:2406.05223) and LoRA-GA (Wang et
+  al., 2024, arXiv:2407.05000): inits chosen from a few batches before training (``init=eva|corda|lora_ga``), by
+  the ``calibrate`` hook that ``peftlab.train`` runs on its first batches (see ``lora_data.py``, where they live).
 - per-module ranks and alphas through ``rank_pattern`` / ``alpha_pattern``.
 - ``target_parameters`` (HF PEFT's option): LoRA on raw ``nn.Parameter``s that are no module's
   weight, e.g. a mixture-of-experts layer's (experts x d1 x d2) stack, a rank-r pair per expert
@@ -68,7 +71,8 @@ CATEGORY = "reparameterized"
 PAPER = "Hu et al., 2022 (arXiv:2106.09685)"
 MERGEABLE = True
 INVALID_SETTINGS = ("r=0", "alpha=-1", "dropout=1.5", "init=svd", "lora_bias=maybe", "lora_bias=true,init=pissa",
-                    "target_parameters=[]", "target_parameters=[w],dropout=0.1")
+                    "target_parameters=[]", "target_parameters=[w],dropout=0.1", "eva_rho=0.5",
+                    "corda_method=mid")
 INITS = ("default", "gaussian", "pissa", "olora", "loftq", "eva", "corda", "lora_ga")
 BASE_INITS = ("pissa", "olora")  # inits that move part of W into the adapter (saved as plain LoRA of rank 2r)
 DATA_INITS = ("eva", "corda", "lora_ga")  # inits chosen from a few batches (lora_data.py), by the calibrate hook
