@@ -372,3 +372,31 @@ def test_routing_rows_without_the_adapter_see_the_original_base(init, ids):
         routed = logits(model, ids)
     torch.testing.assert_close(routed[[0, 2]], adapted[[0, 2]], rtol=0, atol=1e-5)
     torch.testing.assert_close(routed[1], base[1], rtol=0, atol=1e-5)
+
+
+def test_lora_ga_matches_peft_preprocess_loraga(ids):
+    from peft.tuners.lora.config import LoraGAConfig
+    from peft.tuners.lora.loraga import preprocess_loraga
+
+    batches = random_lm_batches()
+    ours = peftlab.attach(make_llama(), "lora[r=2,alpha=4,init=lora_ga,targets=[q_proj,v_proj]]")
+    lora_data.initialize(ours, batches, loss_fn=model_loss)
+    base = make_llama()
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights="lora_ga",
+                             lora_ga_config=LoraGAConfig())
+
+    def train_step():
+        for batch in batches:
+            model_loss(base, batch).backward()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        preprocess_loraga(base, config, train_step)
+        theirs = peft.get_peft_model(base, config).eval()
+    torch.testing.assert_close(logits(theirs, ids), logits(ours, ids), rtol=0, atol=1e-5)
+    for n, m in theirs.named_modules():
+        if isinstance(m, peft.tuners.lora.LoraLayer):
+            mine = adapters(ours)[n.removeprefix("base_model.model.")]
+            # singular vectors agree up to sign (peft's SVD is randomized, torch.svd_lowrank)
+            torch.testing.assert_close(mine.lora_A.weight.abs(), m.lora_A["default"].weight.abs(), rtol=0, atol=1e-3)
+            torch.testing.assert_close(mine.lora_B.weight.abs(), m.lora_B["default"].weight.abs(), rtol=0, atol=1e-3)
