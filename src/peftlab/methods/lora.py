@@ -654,6 +654,11 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list:
     return names
 
 
+def uses_hook(config: LoraConfig, hook: str) -> bool:
+    """Only the inits chosen from data need the calibrate hook (so plain LoRA trains anywhere, ``train_many`` too)."""
+    return hook != "calibrate" or config.init in DATA_INITS
+
+
 def calibrate(model: nn.Module, name: str, config: LoraConfig, batches, loss_fn) -> None:
     """The training hook: init=eva / corda / lora_ga choose their start from ``batches`` (``lora_data.py``)."""
     if config.init in DATA_INITS:
