@@ -13,7 +13,7 @@ from peftlab.core.adapters import adapter_layers
 from peftlab.methods import lora_data
 from peftlab.train import TrainConfig, train
 
-from conftest import logits, make_gpt2, make_llama, model_loss, peft_logits, random_lm_batches, random_lm_rows
+from conftest import logits, make_bert, make_gpt2, make_llama, model_loss, peft_logits, random_lm_batches, random_lm_rows
 
 peft = pytest.importorskip("peft")
 
@@ -400,3 +400,23 @@ def test_lora_ga_matches_peft_preprocess_loraga(ids):
             # singular vectors agree up to sign (peft's SVD is randomized, torch.svd_lowrank)
             torch.testing.assert_close(mine.lora_A.weight.abs(), m.lora_A["default"].weight.abs(), rtol=0, atol=1e-3)
             torch.testing.assert_close(mine.lora_B.weight.abs(), m.lora_B["default"].weight.abs(), rtol=0, atol=1e-3)
+
+
+def _bert_batches():
+    return [{"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": b["input_ids"][:, 0] % 3}
+            for b in random_lm_batches()]
+
+
+@pytest.mark.parametrize("init", ["eva", "corda", "lora_ga"])
+def test_bert_with_a_head_and_gpt2_conv1d_keep_the_base_and_peft_loads_the_file(init, ids, tmp_path):
+    for factory, targets in ((make_bert, "[query,value,output.dense],modules_to_save=[classifier]"),
+                             (make_gpt2, "[c_attn,c_fc,c_proj]")):
+        model = peftlab.attach(factory(), f"lora[r=2,init={init},targets={targets}]")
+        before = logits(factory(), ids)
+        batches = _bert_batches() if factory is make_bert else random_lm_batches()
+        lora_data.initialize(model, batches, loss_fn=model_loss)
+        torch.testing.assert_close(logits(model, ids), before, rtol=0, atol=1e-5)
+        _nudge(model)
+        expected = logits(model, ids)
+        peftlab.save(model, tmp_path / factory.__name__)
+        torch.testing.assert_close(peft_logits(factory, tmp_path / factory.__name__, ids), expected, rtol=0, atol=1e-5)

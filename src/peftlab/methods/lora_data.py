@@ -20,7 +20,10 @@ tensors were loaded (a file, a checkpoint) is never re-initialised.
   the given batches (one eigendecomposition of each layer's input covariance), where PEFT runs a
   randomized incremental PCA over its data loader until the components stop moving (``tau``); with
   enough tokens both find the same directions, and the exact one does not depend on a seed or on the
-  order of the batches. ``whiten`` is not offered (PEFT's default, off).
+  order of the batches. Layers fed the same input (q, k, v) offer equal ratios; their ties go to the earlier
+  layer, where PEFT computes such a group once and breaks its ties its own way, so ranks can be spread
+  differently inside the group (the group's total is the same). ``whiten`` is not offered (PEFT's default,
+  off), nor ``adjust_scaling_factors``. The input statistics are (in x in) per layer, in float32.
 - CorDA (Yang et al., NeurIPS 2024, arXiv:2406.05223): ``C`` is the inputs' covariance (per example
   ``X^T X`` of its tokens scaled by ``1/|max X|``, averaged over examples, damped by a multiple of its
   mean diagonal until it inverts well, as PEFT does); ``W C = U S V^T``; with ``V' = C^{-1} V``,
