@@ -420,3 +420,13 @@ def test_bert_with_a_head_and_gpt2_conv1d_keep_the_base_and_peft_loads_the_file(
         expected = logits(model, ids)
         peftlab.save(model, tmp_path / factory.__name__)
         torch.testing.assert_close(peft_logits(factory, tmp_path / factory.__name__, ids), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("init", ["eva", "corda", "lora_ga"])
+def test_peftlab_native_files_with_another_method_restore_the_adapter_exactly(init, ids, tmp_path):
+    model = peftlab.attach(make_llama(), f"lora[r=2,init={init},targets=[q_proj,v_proj]]|ia3[targets=down_proj]")
+    lora_data.initialize(model, random_lm_batches(), loss_fn=model_loss)
+    expected = logits(_nudge(model), ids)
+    peftlab.save(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "PEFTLAB"
+    torch.testing.assert_close(logits(peftlab.load(make_llama(), tmp_path), ids), expected, rtol=0, atol=1e-6)
