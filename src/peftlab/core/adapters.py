@@ -395,15 +395,24 @@ def _method_of(adapter, configs) -> str:
 #   calibrate(model, name, config, batches, loss_fn)     once before training (Fisher masks)
 
 
-def active_hooks(model: nn.Module, hook: str):
+def method_hook(config, hook: str):
+    """The method's ``hook`` function for this config, or None. A method whose hook serves only some settings
+    says which with ``uses_hook(config, hook) -> bool`` (LoRA: calibrate for its inits chosen from data)."""
     from ..methods import get_method
 
+    method = get_method(config.method)
+    fn = getattr(method, hook, None)
+    uses = getattr(method, "uses_hook", None)
+    return None if fn is None or (uses is not None and not uses(config, hook)) else fn
+
+
+def active_hooks(model: nn.Module, hook: str):
     state = get_state(model)
     if state is None:
         return
     for name in state.active:
         for config in state.configs.get(name, []):
-            fn = getattr(get_method(config.method), hook, None)
+            fn = method_hook(config, hook)
             if fn is not None:
                 yield fn, name, config
 

@@ -262,7 +262,6 @@ def attach_jobs(model: nn.Module, jobs: list[Job]) -> None:
     from ..core import adapters as core
     from ..core import model_adapters
     from ..core.state import get_state
-    from ..methods import get_method
     from ..train.loop import seed_everything
 
     for job in jobs:
@@ -274,7 +273,7 @@ def attach_jobs(model: nn.Module, jobs: list[Job]) -> None:
             raise ConfigError(f"train_many: job {job.name!r} uses soft prompts or prefixes, which change the model's "
                               "inputs for the whole batch and cannot differ row by row; train it alone with train()")
         for config in get_state(model).configs[job.name]:
-            hooks = [hook for hook in HOOKS if getattr(get_method(config.method), hook, None) is not None]
+            hooks = [hook for hook in HOOKS if core.method_hook(config, hook) is not None]
             if hooks:
                 raise ConfigError(f"train_many: job {job.name!r} uses {config.method}, whose training needs "
                                   f"{', '.join(hooks)} hooks per adapter; train it alone with train()")

@@ -6,7 +6,9 @@ keys ``base_model.model.<module path>.lora_A.weight``, ``lora_B.weight``, ``lora
 on a convolution ``lora_A.weight`` is (r, in, k...) and ``lora_B.weight`` (out, r / groups, 1...). With
 ``target_parameters`` the tensors of a parameter sit under its owning module, one ``base_layer.`` per
 PEFT wrapper nested around it (the first registered parameter innermost: ``methods/lora_params.py``).
-PiSSA and OLoRA adapters are written as the plain LoRA of rank 2r on the original base that PEFT
+EVA adapters (``init=eva``) are plain LoRAs on the unchanged base whose ranks EVA chose (``rank_pattern``), written
+with ``init_lora_weights: "eva"`` and an ``eva_config`` as PEFT does. PiSSA, OLoRA, CorDA and LoRA-GA adapters are
+written as the plain LoRA of rank 2r on the original base that PEFT
 writes with ``path_initial_model_for_weight_conversion`` (``init_lora_weights: true``). Such folders load in ``peft``
 (``PeftModel.from_pretrained``) and vLLM, and theirs load here. ``io.py`` does the files, the
 base-model fingerprint and ``modules_to_save``.
@@ -56,6 +58,8 @@ def to_hf(model: nn.Module, name: str, config: LoraConfig) -> tuple[dict, dict]:
         modules[module_name] = layer.base_layer
     base_modules = dict(named_base_modules(model))
     r, alpha = Counter(ranks.values()).most_common(1)[0][0], Counter(alphas.values()).most_common(1)[0][0]
+    if config.init == "eva":  # as PEFT: the configured r, EVA's ranks in rank_pattern
+        r, alpha = config.r, config.alpha
     hf = {
         "peft_type": "LORA",
         "base_model_name_or_path": state.base_name,
@@ -64,7 +68,7 @@ def to_hf(model: nn.Module, name: str, config: LoraConfig) -> tuple[dict, dict]:
         "lora_dropout": config.dropout,
         "use_rslora": config.rslora,
         "use_dora": isinstance(config, DoraConfig),
-        "init_lora_weights": "gaussian" if config.init == "gaussian" else True,
+        "init_lora_weights": config.init if config.init in ("gaussian", "eva") else True,
         "target_modules": target_names(list(modules), base_modules),
         "rank_pattern": {re.escape(m): v for m, v in ranks.items() if v != r},
         "alpha_pattern": {re.escape(m): v for m, v in alphas.items() if v != alpha},
@@ -78,6 +82,9 @@ def to_hf(model: nn.Module, name: str, config: LoraConfig) -> tuple[dict, dict]:
         "exclude_modules": None,
         "target_parameters": params or None,
     }
+    if config.init == "eva":  # PEFT's EvaConfig as it writes it (peftlab's EVA: its defaults but rho)
+        hf["eva_config"] = {"rho": float(config.eva_rho), "tau": 0.99, "use_label_mask": True, "label_mask_value": -100,
+                            "whiten": False, "adjust_scaling_factors": False}
     return hf, tensors
 
 
@@ -88,7 +95,7 @@ def config_from_hf(hf: dict, modules: list) -> LoraConfig:
     if peft_type != "LORA":
         raise AdapterFormatError(f"peft_type {peft_type!r} is not supported yet (supported: LORA, with or without DoRA)")
     init = hf.get("init_lora_weights", True)
-    if isinstance(init, str) and init.startswith(("pissa", "olora", "corda", "eva", "loftq")):
+    if isinstance(init, str) and init.startswith(("pissa", "olora", "corda", "loftq", "lora_ga")):
         raise AdapterFormatError(f"this adapter was saved with init_lora_weights={init!r}, so it only fits that init's modified "
                                  "base; re-save it from peft with path_initial_model_for_weight_conversion to get a plain LoRA")
     cls = DoraConfig if hf.get("use_dora") else LoraConfig
@@ -99,7 +106,8 @@ def config_from_hf(hf: dict, modules: list) -> LoraConfig:
             alpha=hf.get("lora_alpha", 8),
             dropout=float(hf.get("lora_dropout", 0.0)),
             rslora=bool(hf.get("use_rslora", False)),
-            init="gaussian" if init == "gaussian" else "default",
+            init=init if init in ("gaussian", "eva") else "default",  # an EVA file is a plain LoRA on the base
+            eva_rho=(hf.get("eva_config") or {}).get("rho", 2.0) if init == "eva" else 2.0,
             rank_pattern=dict(hf.get("rank_pattern") or {}),
             alpha_pattern=dict(hf.get("alpha_pattern") or {}),
             modules_to_save=list(hf.get("modules_to_save") or []),

@@ -25,6 +25,9 @@ Variants here:
   ``peftlab.quantize(model, "nf4", loftq_rank=r)``, ``s B A`` starts at the rank-r correction LoftQ
   chose together with the quantized weights (``quant/loftq.py``), so quantized base + LoRA starts
   near the full-precision model instead of at the quantized one.
+- EVA (Paszke et al., 2024, arXiv:2410.07170), CorDA (Yang et al., 2024, arXiv:2406.05223) and LoRA-GA (Wang et
+  al., 2024, arXiv:2407.05000): inits chosen from a few batches before training (``init=eva|corda|lora_ga``), by
+  the ``calibrate`` hook that ``peftlab.train`` runs on its first batches (see ``lora_data.py``, where they live).
 - per-module ranks and alphas through ``rank_pattern`` / ``alpha_pattern``.
 - ``target_parameters`` (HF PEFT's option): LoRA on raw ``nn.Parameter``s that are no module's
   weight, e.g. a mixture-of-experts layer's (experts x d1 x d2) stack, a rank-r pair per expert
@@ -68,9 +71,12 @@ CATEGORY = "reparameterized"
 PAPER = "Hu et al., 2022 (arXiv:2106.09685)"
 MERGEABLE = True
 INVALID_SETTINGS = ("r=0", "alpha=-1", "dropout=1.5", "init=svd", "lora_bias=maybe", "lora_bias=true,init=pissa",
-                    "target_parameters=[]", "target_parameters=[w],dropout=0.1")
-INITS = ("default", "gaussian", "pissa", "olora", "loftq")
+                    "target_parameters=[]", "target_parameters=[w],dropout=0.1", "eva_rho=0.5",
+                    "corda_method=mid")
+INITS = ("default", "gaussian", "pissa", "olora", "loftq", "eva", "corda", "lora_ga")
 BASE_INITS = ("pissa", "olora")  # inits that move part of W into the adapter (saved as plain LoRA of rank 2r)
+DATA_INITS = ("eva", "corda", "lora_ga")  # inits chosen from a few batches (lora_data.py), by the calibrate hook
+DATA_BASE_INITS = ("corda", "lora_ga")  # of those, the ones that move part of W into the adapter too
 
 
 @dataclass
@@ -78,7 +84,10 @@ class LoraConfig(MethodConfig):
     """r: rank; alpha: scale numerator; dropout on the adapter input; rslora: alpha/sqrt(r);
     target_parameters: raw parameters to adapt (MoE expert stacks, ``lora_params.py``), by name or dotted
     suffix, e.g. ``[experts.gate_up_proj]``; with ``targets=[]`` only those;
-    init: default (B = 0), gaussian, pissa, olora, or loftq (on a LoftQ-quantized base); rank_pattern /
+    init: default (B = 0), gaussian, pissa, olora, loftq (on a LoftQ-quantized base), or one chosen from the first
+    training batches (``lora_data.py``): eva (A from the inputs' principal directions, ranks redistributed by
+    explained variance, up to round(r * eva_rho) per layer), corda (from the SVD of W C, C the inputs' covariance;
+    corda_method ipm: the largest components, kpm: the smallest) or lora_ga (from the SVD of the weight's gradient); rank_pattern /
     alpha_pattern: per-module overrides keyed by a module-name suffix or regex, e.g. ``{"mlp.down_proj": 4}``;
     lora_bias: a trainable bias on lora_B (HF PEFT's ``lora_bias``); layer_replication: ``[start, end)``
     ranges of decoder layers to rebuild the model from, copies sharing base weights (HF PEFT's option)."""
@@ -94,6 +103,8 @@ class LoraConfig(MethodConfig):
     lora_bias: bool = False
     layer_replication: list | None = None
     target_parameters: list | None = None
+    eva_rho: float = 2.0
+    corda_method: str = "ipm"
 
     def validate(self) -> None:
         if isinstance(self.target_parameters, str):
@@ -133,6 +144,14 @@ class LoraConfig(MethodConfig):
             raise ConfigError(f"{self.method}: init must be one of {', '.join(INITS)}, got {self.init!r}")
         if not isinstance(self.lora_bias, bool):
             raise ConfigError(f"{self.method}: lora_bias must be true or false, got {self.lora_bias!r}")
+        if self.init in DATA_INITS and self.method != "lora":
+            raise ConfigError(f"{self.method}: init={self.init} is supported by lora only; use init=default or gaussian")
+        if not (isinstance(self.eva_rho, (int, float)) and not isinstance(self.eva_rho, bool) and self.eva_rho >= 1):
+            raise ConfigError(f"{self.method}: eva_rho must be a number >= 1 (each layer may take up to round(r * eva_rho) "
+                              f"ranks; 1 keeps every layer at r), got {self.eva_rho!r}")
+        if self.corda_method not in ("ipm", "kpm"):
+            raise ConfigError(f"{self.method}: corda_method must be ipm (the adapter takes the largest components of W C) or "
+                              f"kpm (the smallest), got {self.corda_method!r}")
         if self.method != "lora":  # the variants' updates are not LoRA's plain s B A (PEFT refuses them with DoRA too)
             if self.init == "olora":
                 raise ConfigError(f"{self.method}: init=olora is supported by lora only; use init=default or gaussian")
@@ -148,7 +167,7 @@ class LoraConfig(MethodConfig):
                                   f"0 <= start < end, e.g. [[0,4],[2,5]]; got {ranges!r}")
             if self.method != "lora":
                 raise ConfigError(f"{self.method}: layer_replication is supported by lora only")
-            if self.init in (*BASE_INITS, "loftq"):
+            if self.init in (*BASE_INITS, *DATA_BASE_INITS, "loftq"):
                 raise ConfigError(f"{self.method}: layer_replication shares each base weight between layer copies, which "
                                   f"init={self.init} would rewrite once per copy; use init=default or gaussian")
         if self.lora_bias and self.init not in ("default", "gaussian"):
@@ -301,6 +320,15 @@ class LoraLinear(MergesDelta, nn.Module):
             warnings.warn("lora: lora_bias=true on a layer without a bias: the adapter works, but cannot be merged",
                           stacklevel=2)
         self.init = init
+        self.awaiting_data = init in DATA_INITS  # until the calibrate hook (lora_data.py) or a load sets A and B
+        if init in DATA_BASE_INITS:
+            if is_quantized(base):
+                raise ConfigError(f"lora: init={init} rewrites the base weight in full precision (W - s B A), which a quantized "
+                                  f"base cannot hold; use init={init} on a full-precision model (or init=eva)")
+            # persistent: a native save keeps the part of W the adapter took, so a load can take it again
+            self.register_buffer("pissa_A0", torch.zeros(r, in_features, device=base.weight.device, dtype=dtype))
+            self.register_buffer("pissa_B0", torch.zeros(out_features, r, device=base.weight.device, dtype=dtype))
+            object.__setattr__(self, "_base_ref", base)  # not a submodule: the layer owns the base
         with torch.no_grad():
             if init == "gaussian":
                 nn.init.normal_(self.lora_A.weight, std=1 / r)
@@ -326,6 +354,25 @@ class LoraLinear(MergesDelta, nn.Module):
                 self.register_buffer("pissa_B0", B.clone(), persistent=False)
                 self.alters_base = True
                 set_base_weight(base, base_weight(base) - delta_weight(A, B, self.scaling))
+
+    def take_from_base(self, base: nn.Module, A: torch.Tensor, B: torch.Tensor) -> None:
+        """Start at ``(A, B)`` with the base keeping ``W - s B A`` (CorDA, LoRA-GA after calibration)."""
+        with torch.no_grad():
+            self.lora_A.weight.copy_(A)
+            self.lora_B.weight.copy_(B)
+            self.pissa_A0.copy_(A)
+            self.pissa_B0.copy_(B)
+            set_base_weight(base, base_weight(base) - delta_weight(self.lora_A.weight, self.lora_B.weight, self.scaling))
+        self.alters_base = True
+        self.awaiting_data = False
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.awaiting_data = False  # loaded tensors: nothing left to choose from data
+        if self.init in DATA_BASE_INITS and not self.alters_base and bool(self.pissa_A0.ne(0).any()):
+            base = self.__dict__["_base_ref"]
+            set_base_weight(base, base_weight(base) - delta_weight(self.pissa_A0, self.pissa_B0, self.scaling))
+            self.alters_base = True
 
     def forward(self, x, base_out):
         bias = self.lora_B.bias
@@ -382,6 +429,10 @@ class LoraLinear(MergesDelta, nn.Module):
     def hf_state(self) -> tuple[dict, int, float]:
         """Tensors to save (HF PEFT names), with the rank and alpha they stand for.
         PiSSA and OLoRA are saved as the equivalent plain LoRA of rank 2r on the original base."""
+        if self.awaiting_data:
+            raise StateError(f"lora: this init={self.init} adapter has not seen any data yet, so it is not what init={self.init} "
+                             "starts from; train it with peftlab.train (which initialises it from the first batches) or call "
+                             "peftlab.methods.lora_data.initialize(model, batches) first")
         A, B = self.lora_A.weight.detach(), self.lora_B.weight.detach()
         if not self.alters_base:
             tensors = {"lora_A.weight": A, "lora_B.weight": B}
@@ -473,7 +524,7 @@ class LoraEmbedding(nn.Module):
 
     def __init__(self, base: nn.Embedding, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False, init: str = "default"):
         super().__init__()
-        if init in (*BASE_INITS, "loftq"):
+        if init in (*BASE_INITS, *DATA_INITS, "loftq"):
             raise ConfigError(f"lora: init={init} applies to linear layers only; exclude the embedding or use init=default")
         self.r, self.alpha, self.rslora, self.init = r, alpha, rslora, init
         self.scaling = scaling(alpha, r, rslora)
@@ -601,6 +652,19 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list:
                               "target_parameters; leave it out of one of them (targets=[] adapts only the parameters)")
         names = names + list(owners)
     return names
+
+
+def uses_hook(config: LoraConfig, hook: str) -> bool:
+    """Only the inits chosen from data need the calibrate hook (so plain LoRA trains anywhere, ``train_many`` too)."""
+    return hook != "calibrate" or config.init in DATA_INITS
+
+
+def calibrate(model: nn.Module, name: str, config: LoraConfig, batches, loss_fn) -> None:
+    """The training hook: init=eva / corda / lora_ga choose their start from ``batches`` (``lora_data.py``)."""
+    if config.init in DATA_INITS:
+        from .lora_data import initialize_adapter
+
+        initialize_adapter(model, name, config, batches, loss_fn)
 
 
 def make_adapter(module: nn.Module, config: LoraConfig, name: str) -> nn.Module:

@@ -72,7 +72,9 @@ def train(model: torch.nn.Module, data, cfg: TrainConfig | None = None, eval_fn=
     collate = getattr(data, "collate", None) or functools.partial(pad_collate, pad_id=pad_id_of(model_config(model)))
     if not resuming(cfg):
         seed_everything(cfg.seed)
-        calibrate(model, data, collate, order, cfg, device)  # before sharding: the whole model on every rank
+    # before sharding (the whole model on every rank); on resume too: an init chosen from data (LoRA's eva, corda,
+    # lora_ga) is rebuilt from the same first batches, deterministically, before the checkpoint's values replace it
+    calibrate(model, data, collate, order, cfg, device)
     loss_fn = functools.partial(training_loss, chunked=cfg.chunked_loss)
     forward = parallel_forward(model, loss_fn, cfg, device, place)
     params = trainable_parameters(model)  # after sharding: FSDP replaces parameters by their shards
