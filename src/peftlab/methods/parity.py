@@ -97,9 +97,13 @@ LORA_OPTIONS = (
     Option("init_lora_weights='olora'", "lora[init=olora]", True, "saved as the equivalent plain LoRA"),
     Option("init_lora_weights='loftq'", "lora[init=loftq]", False, "needs a base quantized with "
            "peftlab.quantize(..., loftq_rank=r); the LoRA saves as a plain LoRA, not checked against peft's LoftQ"),
-    Option("init_lora_weights='eva'", note="not yet: issue 16 (a data-driven init: SVD of a few batches' activations)"),
-    Option("init_lora_weights='corda'", note="not yet: issue 16"),
-    Option("init_lora_weights='lora_ga'", note="not yet: issue 16"),
+    Option("init_lora_weights='eva'", "lora[init=eva]", True, "from the trainer's first batches (or "
+           "peftlab.methods.lora_data.initialize); exact PCA where peft's is incremental; tested against peft in "
+           "tests/test_lora_data_inits.py", tested_in="test_lora_data_inits.py"),
+    Option("init_lora_weights='corda'", "lora[init=corda]", True, "saved as the equivalent plain LoRA, as peft's "
+           "converted files", tested_in="test_lora_data_inits.py"),
+    Option("init_lora_weights='lora_ga'", "lora[init=lora_ga]", True, "saved as the equivalent plain LoRA, as peft's "
+           "converted files", tested_in="test_lora_data_inits.py"),
     Option("use_dora", "dora", True),
     Option("lora_bias", "lora[lora_bias=true]", True),
     Option("layer_replication", "lora[layer_replication=[[0,2],[1,2]]]", True),
