@@ -304,6 +304,7 @@ class LoraLinear(MergesDelta, nn.Module):
     """LoRA for ``nn.Linear`` and ``Conv1D``: returns ``s * B A dropout(x)``."""
 
     alters_base = False  # True for PiSSA and OLoRA, whose init moves part of W into the adapter
+    awaiting_data = False  # True from init until a data-driven init (lora_data.py) has run; convolutions never wait
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False, init: str = "default",
                  lora_bias: bool = False):
