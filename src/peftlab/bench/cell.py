@@ -249,6 +249,9 @@ def hf_twin(model, method: str, task: Task, spec: str | None = None):
         twin.register_forward_pre_hook(lambda m, args, kw: (args, {"input_type_mask": torch.full_like(
             kw["input_ids"], label_type), **kw}) if kw.get("labels") is not None else None, with_kwargs=True)
         return twin
+    elif method == "glora":
+        twin = peft.GloraConfig(r=config.r, config_A_B=config.ab, config_C=config.c, config_D_E=config.de,
+                                init_weights=config.init == "zeros", target_modules=modules, task_type=task_type)
     elif method == "ln_tuning":
         twin = peft.LNTuningConfig(target_modules=modules, task_type=task_type)
     elif method == "prompt":
