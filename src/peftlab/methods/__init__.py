@@ -38,6 +38,7 @@ METHOD_FILES = (
     "loha",
     "lokr",
     "gralora",
+    "glora",
     "vera",
     "pvera",
     "vblora",
