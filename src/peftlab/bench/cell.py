@@ -249,6 +249,12 @@ def hf_twin(model, method: str, task: Task, spec: str | None = None):
         twin.register_forward_pre_hook(lambda m, args, kw: (args, {"input_type_mask": torch.full_like(
             kw["input_ids"], label_type), **kw}) if kw.get("labels") is not None else None, with_kwargs=True)
         return twin
+    elif method == "lily":  # target_modules in the form from which PEFT derives peftlab's sharing groups
+        from ..formats.hf_lily import peft_targets
+        targets, exclude = peft_targets(modules, dict(model.named_modules()), config.share_by)
+        twin = peft.LilyConfig(r=config.r, stride_A=config.stride_A, num_B=config.num_B, scaling=config.scaling,
+                               init_weights=config.init == "zeros", target_modules=targets, exclude_modules=exclude,
+                               task_type=task_type)
     elif method == "ln_tuning":
         twin = peft.LNTuningConfig(target_modules=modules, task_type=task_type)
     elif method == "prompt":

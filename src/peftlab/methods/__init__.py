@@ -41,6 +41,7 @@ METHOD_FILES = (
     "vera",
     "vblora",
     "randlora",
+    "lily",
     "fourierft",
     "waveft",
     "c3a",
