@@ -44,6 +44,7 @@ METHOD_FILES = (
     "vblora",
     "unilora",
     "randlora",
+    "lily",
     "fourierft",
     "waveft",
     "c3a",
