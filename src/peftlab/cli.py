@@ -747,7 +747,7 @@ def read_adapter_header(adapter) -> tuple[dict, dict]:
 
 # where an HF PEFT tensor name turns from the module's path into the method's own parameter
 ADAPTER_TENSOR = re.compile(r"\.(?=(?:lora|hada|lokr|ia3|vera_lambda|vblora_logits|randlora(?=_lambda|_gamma)|fourierft|oft|boft"
-                            r"|road|delora|gralora|waveft|shira|c3a|hra|miss|trainable_tokens|poly)_)")
+                            r"|road|delora|gralora|waveft|shira|c3a|hra|miss|peanut|trainable_tokens|poly)_)")
 # VeRA's and RandLoRA's random pair: saved (by PEFT's RandLoRA also under every layer), never trained
 SHARED_FROZEN = ("vera_A", "vera_B", "randlora_A", "randlora_B")
 INTEGER_DTYPES = ("I64", "I32", "I16", "I8", "U8", "BOOL")  # masks and positions, not trained numbers

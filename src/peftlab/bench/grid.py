@@ -31,7 +31,7 @@ FULL_LR = {"classification": 1e-4, "causal-lm": 2e-5}
 FALLBACK_LR = 1e-3  # a method file without DEFAULT_LR (the LoRA family: 1e-3 is the common choice)
 TWINS = ("lora", "dora", "ia3", "prompt", "prefix", "ptuning", "adalora", "ln_tuning", "loha", "lokr", "vera",
          "fourierft", "oft", "boft", "road", "delora", "gralora", "waveft", "shira", "c3a", "hra", "miss", "vblora",
-         "randlora", "poly", "multitask_prompt", "cpt")
+         "randlora", "poly", "multitask_prompt", "cpt", "peanut")
 SKIPPED = {"fusion": "fuses adapters that must be trained first; benchmark it from trained adapters",
            "trainable_tokens": "trains the rows of token ids it is given (new tokens); a task has no such ids by default"}
 CHOICES = ("quick", "full")

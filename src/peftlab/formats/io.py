@@ -27,7 +27,7 @@ from ..errors import AdapterFormatError, ConfigError, IncompatibleBaseError
 from ..quant import parameter_shape, quantization_record
 from . import hf_adalora, hf_lora, native
 from . import hf_c3a, hf_cpt, hf_delora, hf_fourierft, hf_gralora, hf_hra, hf_ia3, hf_ln_tuning, hf_lycoris
-from . import hf_miss, hf_multitask_prompt, hf_oft, hf_poly, hf_randlora, hf_road, hf_shira
+from . import hf_miss, hf_multitask_prompt, hf_oft, hf_peanut, hf_poly, hf_randlora, hf_road, hf_shira
 from . import hf_trainable_tokens, hf_vblora, hf_vera, hf_waveft
 from . import hf_adaption_prompt, hf_prompt
 from .hf_common import COMMON_FIELDS, PREFIX
@@ -39,7 +39,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 # PEFT-format converters: each has PEFT_TYPES, writes(configs) -> bool, to_hf(model, name, config)
 # -> (config dict, tensors) and from_hf(model, hf_config, tensors, name, source) -> None, and may set
 # MODULES_PREFIX: where PEFT keeps that type's modules_to_save (prompt learning: "base_model.").
-CONVERTERS = [hf_lora, hf_adalora, hf_ia3, hf_ln_tuning, hf_lycoris, hf_vera, hf_fourierft, hf_oft, hf_road, hf_delora, hf_gralora, hf_waveft, hf_shira, hf_c3a, hf_hra, hf_miss, hf_vblora, hf_randlora, hf_poly, hf_trainable_tokens, hf_multitask_prompt, hf_cpt, hf_prompt, hf_adaption_prompt]
+CONVERTERS = [hf_lora, hf_adalora, hf_ia3, hf_ln_tuning, hf_lycoris, hf_vera, hf_fourierft, hf_oft, hf_road, hf_delora, hf_gralora, hf_waveft, hf_shira, hf_c3a, hf_hra, hf_miss, hf_peanut, hf_vblora, hf_randlora, hf_poly, hf_trainable_tokens, hf_multitask_prompt, hf_cpt, hf_prompt, hf_adaption_prompt]
 
 
 def fingerprint(model: nn.Module) -> str:

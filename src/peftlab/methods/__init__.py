@@ -52,6 +52,7 @@ METHOD_FILES = (
     "delora",
     "hra",
     "miss",
+    "peanut",
     "qalora",
     "diff_pruning",
     "fishmask",
