@@ -58,6 +58,7 @@ METHOD_FILES = (
     "deft",
     "osf",
     "miss",
+    "peanut",
     "qalora",
     "diff_pruning",
     "fishmask",
