@@ -773,6 +773,9 @@ ADAPTER_PREFIXES = (
     r"beft",
     r"osf",
     r"deft",
+    r"glora",
+    r"lily",
+    r"peanut",
 )
 ADAPTER_TENSOR = re.compile(r"\.(?=(?:" + "|".join(ADAPTER_PREFIXES) + r")_)")
 # VeRA's and RandLoRA's random pair: saved (by PEFT's RandLoRA also under every layer), never trained; Uni-LoRA's scales

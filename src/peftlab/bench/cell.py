@@ -267,6 +267,18 @@ def hf_twin(model, method: str, task: Task, spec: str | None = None):
         twin = peft.UniLoraConfig(r=config.r, theta_d_length=config.theta_d_length, proj_seed=config.proj_seed,
                                   unilora_dropout=config.dropout, init_theta_d_bound=config.init_theta_d_bound,
                                   save_indices=config.save_indices, target_modules=modules, task_type=task_type)
+    elif method == "glora":
+        twin = peft.GloraConfig(r=config.r, config_A_B=config.ab, config_C=config.c, config_D_E=config.de,
+                                init_weights=config.init == "zeros", target_modules=modules, task_type=task_type)
+    elif method == "lily":  # target_modules in the form from which PEFT derives peftlab's sharing groups
+        from ..formats.hf_lily import peft_targets
+        targets, exclude = peft_targets(modules, dict(model.named_modules()), config.share_by)
+        twin = peft.LilyConfig(r=config.r, stride_A=config.stride_A, num_B=config.num_B, scaling=config.scaling,
+                               init_weights=config.init == "zeros", target_modules=targets, exclude_modules=exclude,
+                               task_type=task_type)
+    elif method == "peanut":
+        twin = peft.PeanutConfig(r=config.r, depth=config.depth, act_fn=config.act_fn, scaling=config.scaling,
+                                 init_weights=config.init == "zeros", target_modules=modules, task_type=task_type)
     elif method == "ln_tuning":
         twin = peft.LNTuningConfig(target_modules=modules, task_type=task_type)
     elif method == "prompt":

@@ -33,15 +33,18 @@ from . import hf_cpt
 from . import hf_deft
 from . import hf_delora
 from . import hf_fourierft
+from . import hf_glora
 from . import hf_gralora
 from . import hf_hra
 from . import hf_ia3
+from . import hf_lily
 from . import hf_ln_tuning
 from . import hf_lycoris
 from . import hf_miss
 from . import hf_multitask_prompt
 from . import hf_oft
 from . import hf_osf
+from . import hf_peanut
 from . import hf_poly
 from . import hf_prompt
 from . import hf_pvera
@@ -82,6 +85,9 @@ CONVERTERS = [
     hf_miss,
     hf_vblora,
     hf_randlora,
+    hf_lily,
+    hf_glora,
+    hf_peanut,
     hf_poly,
     hf_trainable_tokens,
     hf_multitask_prompt,
