@@ -250,5 +250,4 @@ def test_peftlab_info_reads_the_file(tmp_path):
     peftlab.save(model, tmp_path)
     info = adapter_info(tmp_path)
     assert info["peft_type"] == "DELORA" and info["method"] == "delora" and info["adapted_modules"] == 6
-    w_norms = 2 * (32 + 32 + 64)  # the saved column norms, frozen
-    assert info["parameters"] == peftlab.summary(model)["adapters"]["default"] + w_norms
+    assert info["parameters"] == peftlab.summary(model)["adapters"]["default"]  # the saved column norms are frozen
