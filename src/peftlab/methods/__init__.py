@@ -43,6 +43,7 @@ METHOD_FILES = (
     "pvera",
     "vblora",
     "unilora",
+    "tinylora",
     "randlora",
     "lily",
     "fourierft",
