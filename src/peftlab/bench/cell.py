@@ -285,6 +285,11 @@ def hf_twin(model, method: str, task: Task, spec: str | None = None):
                                    init_v_bound=config.init_v_bound, tinylora_dropout=config.dropout,
                                    init_weights=True if config.init == "zeros" else "uniform",
                                    target_modules=modules, task_type=task_type)
+    elif method == "supertuning":
+        twin = peft.SupertuningConfig(sparsity=config.sparsity, select_top=config.select_top, r=config.r,
+                                      lora_alpha=config.lora_alpha, lora_dropout=config.dropout,
+                                      init_weights=config.init == "zeros", save_precomputed_indices=config.save_indices,
+                                      target_modules=modules, task_type=task_type)
     elif method == "ln_tuning":
         twin = peft.LNTuningConfig(target_modules=modules, task_type=task_type)
     elif method == "prompt":

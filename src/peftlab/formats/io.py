@@ -51,6 +51,7 @@ from . import hf_pvera
 from . import hf_randlora
 from . import hf_road
 from . import hf_shira
+from . import hf_supertuning
 from . import hf_tinylora
 from . import hf_trainable_tokens
 from . import hf_unilora
@@ -98,6 +99,7 @@ CONVERTERS = [
     hf_pvera,
     hf_unilora,
     hf_tinylora,
+    hf_supertuning,
     hf_prompt,
     hf_adaption_prompt,
 ]

@@ -64,6 +64,7 @@ METHOD_FILES = (
     "diff_pruning",
     "fishmask",
     "shira",
+    "supertuning",
     "prompt_tuning",
     "prefix",
     "ptuning",
