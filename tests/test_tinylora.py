@@ -264,9 +264,11 @@ def test_the_files_factors_are_used_as_saved(ids, tmp_path):
 def test_info_reads_the_layers(tmp_path):
     from peftlab.cli import adapter_info
 
-    peftlab.save(peftlab.attach(make_llama(), "tinylora[targets=[q_proj,v_proj]]"), tmp_path)
+    model = peftlab.attach(make_llama(), "tinylora[targets=[q_proj,v_proj],weight_tying=0.5]")
+    peftlab.save(model, tmp_path)
     info = adapter_info(tmp_path)
     assert info["method"] == "tinylora" and info["adapted_modules"] == 4
+    assert info["parameters"] == peftlab.summary(model)["adapters"]["default"] == 2 * 64  # the vectors, not A, B, P
 
 
 def _saved(tmp_path, spec="tinylora[u=4,weight_tying=0.5]"):
