@@ -776,12 +776,26 @@ ADAPTER_PREFIXES = (
     r"glora",
     r"lily",
     r"peanut",
+    r"tinylora(?=_[ABP]\b)",
+    r"supertuning",
 )
 ADAPTER_TENSOR = re.compile(r"\.(?=(?:" + "|".join(ADAPTER_PREFIXES) + r")_)")
-# saved but never trained: VeRA's and RandLoRA's random pair (PEFT's RandLoRA saves it under every layer too),
-# Uni-LoRA's scales, DeLoRA's column norms of the frozen weight
-SAVED_FROZEN = ("vera_A", "vera_B", "pvera_A", "pvera_B", "randlora_A", "randlora_B", "unilora_scales_A", "unilora_scales_B",
-                "delora_w_norm")
+# saved but never trained, one a line: VeRA's and RandLoRA's random pair (PEFT's RandLoRA saves it under every
+# layer too), Uni-LoRA's scales, DeLoRA's column norms of the frozen weight, TinyLoRA's SVD factors and projection
+SAVED_FROZEN = (
+    "vera_A",
+    "vera_B",
+    "pvera_A",
+    "pvera_B",
+    "randlora_A",
+    "randlora_B",
+    "unilora_scales_A",
+    "unilora_scales_B",
+    "delora_w_norm",
+    "tinylora_A",
+    "tinylora_B",
+    "tinylora_P",
+)
 INTEGER_DTYPES = ("I64", "I32", "I16", "I8", "U8", "BOOL")  # masks and positions, not trained numbers
 
 

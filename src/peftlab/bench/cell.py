@@ -279,6 +279,17 @@ def hf_twin(model, method: str, task: Task, spec: str | None = None):
     elif method == "peanut":
         twin = peft.PeanutConfig(r=config.r, depth=config.depth, act_fn=config.act_fn, scaling=config.scaling,
                                  init_weights=config.init == "zeros", target_modules=modules, task_type=task_type)
+    elif method == "tinylora":
+        twin = peft.TinyLoraConfig(r=config.r, u=config.u, weight_tying=config.weight_tying,
+                                   projection_seed=config.projection_seed, save_projection=config.save_projection,
+                                   init_v_bound=config.init_v_bound, tinylora_dropout=config.dropout,
+                                   init_weights=True if config.init == "zeros" else "uniform",
+                                   target_modules=modules, task_type=task_type)
+    elif method == "supertuning":
+        twin = peft.SupertuningConfig(sparsity=config.sparsity, select_top=config.select_top, r=config.r,
+                                      lora_alpha=config.lora_alpha, lora_dropout=config.dropout,
+                                      init_weights=config.init == "zeros", save_precomputed_indices=config.save_indices,
+                                      target_modules=modules, task_type=task_type)
     elif method == "ln_tuning":
         twin = peft.LNTuningConfig(target_modules=modules, task_type=task_type)
     elif method == "prompt":

@@ -51,6 +51,8 @@ from . import hf_pvera
 from . import hf_randlora
 from . import hf_road
 from . import hf_shira
+from . import hf_supertuning
+from . import hf_tinylora
 from . import hf_trainable_tokens
 from . import hf_unilora
 from . import hf_vblora
@@ -96,6 +98,8 @@ CONVERTERS = [
     hf_osf,
     hf_pvera,
     hf_unilora,
+    hf_tinylora,
+    hf_supertuning,
     hf_prompt,
     hf_adaption_prompt,
 ]
