@@ -279,6 +279,15 @@ def hf_twin(model, method: str, task: Task, spec: str | None = None):
     elif method == "peanut":
         twin = peft.PeanutConfig(r=config.r, depth=config.depth, act_fn=config.act_fn, scaling=config.scaling,
                                  init_weights=config.init == "zeros", target_modules=modules, task_type=task_type)
+    elif method == "adamss":
+        twin = peft.AdamssConfig(r=config.r, num_subspaces=config.num_subspaces, subspace_rank=config.subspace_rank,
+                                 random_seed=config.random_seed, use_dynamic_rank=config.use_dynamic_rank,
+                                 svd_threshold=config.svd_threshold,
+                                 init_weights="orthogonal" if config.init == "orthogonal" else None,
+                                 **{k: getattr(config, k) for k in ("use_asa", "asa_target_subspaces", "init_warmup",
+                                                                     "final_warmup", "mask_interval", "asa_importance_beta",
+                                                                     "asa_uncertainty_beta", "asa_schedule_exponent")},
+                                 target_modules=modules, task_type=task_type)
     elif method == "ln_tuning":
         twin = peft.LNTuningConfig(target_modules=modules, task_type=task_type)
     elif method == "prompt":

@@ -26,6 +26,7 @@ from ..core.targets import named_base_modules
 from ..errors import AdapterFormatError, ConfigError, IncompatibleBaseError
 from ..quant import parameter_shape, quantization_record
 from . import hf_adalora, hf_lora, native
+from . import hf_adamss
 from . import hf_adaption_prompt
 from . import hf_beft
 from . import hf_c3a
@@ -87,6 +88,7 @@ CONVERTERS = [
     hf_randlora,
     hf_lily,
     hf_glora,
+    hf_adamss,
     hf_peanut,
     hf_poly,
     hf_trainable_tokens,

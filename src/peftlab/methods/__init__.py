@@ -39,6 +39,7 @@ METHOD_FILES = (
     "lokr",
     "gralora",
     "glora",
+    "adamss",
     "vera",
     "pvera",
     "vblora",
