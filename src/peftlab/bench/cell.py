@@ -288,6 +288,10 @@ def hf_twin(model, method: str, task: Task, spec: str | None = None):
                                                                      "final_warmup", "mask_interval", "asa_importance_beta",
                                                                      "asa_uncertainty_beta", "asa_schedule_exponent")},
                                  target_modules=modules, task_type=task_type)
+    elif method == "hira":
+        twin = peft.HiraConfig(r=config.r, hira_dropout=config.dropout, rank_pattern=config.rank_pattern,
+                               init_weights={"default": True, "random": False}.get(config.init, config.init),
+                               target_modules=modules, task_type=task_type)
     elif method == "ln_tuning":
         twin = peft.LNTuningConfig(target_modules=modules, task_type=task_type)
     elif method == "prompt":

@@ -36,6 +36,7 @@ from . import hf_delora
 from . import hf_fourierft
 from . import hf_glora
 from . import hf_gralora
+from . import hf_hira
 from . import hf_hra
 from . import hf_ia3
 from . import hf_lily
@@ -82,6 +83,7 @@ CONVERTERS = [
     hf_shira,
     hf_c3a,
     hf_hra,
+    hf_hira,
     hf_deft,
     hf_miss,
     hf_vblora,

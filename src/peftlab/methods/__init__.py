@@ -56,6 +56,7 @@ METHOD_FILES = (
     "road",
     "delora",
     "hra",
+    "hira",
     "deft",
     "osf",
     "miss",
