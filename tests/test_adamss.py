@@ -251,3 +251,14 @@ def test_bad_files_are_format_errors(tmp_path):
     save_file({**tensors, f"base_model.model.{Q0}.adamss_C.0": torch.zeros(1)}, tmp_path / "adapter_model.safetensors")
     with pytest.raises(peftlab.AdapterFormatError, match="unexpected tensor"):
         peftlab.load(make_llama(), tmp_path)
+
+
+def test_peftlab_info_reads_the_file(tmp_path):
+    """The frozen basis adamss_newB is in the file but is not a trained parameter."""
+    from peftlab.cli import adapter_info
+
+    model = peftlab.attach(make_llama(), "adamss[r=8,targets=[k_proj,v_proj,down_proj]]")
+    peftlab.save(model, tmp_path)
+    info = adapter_info(tmp_path)
+    assert info["peft_type"] == "ADAMSS" and info["method"] == "adamss" and info["adapted_modules"] == 6
+    assert info["parameters"] == peftlab.summary(model)["adapters"]["default"]

@@ -782,6 +782,7 @@ ADAPTER_PREFIXES = (
 ADAPTER_TENSOR = re.compile(r"\.(?=(?:" + "|".join(ADAPTER_PREFIXES) + r")_)")
 # VeRA's and RandLoRA's random pair: saved (by PEFT's RandLoRA also under every layer), never trained; Uni-LoRA's scales
 SHARED_FROZEN = ("vera_A", "vera_B", "pvera_A", "pvera_B", "randlora_A", "randlora_B", "unilora_scales_A", "unilora_scales_B")
+SHARED_FROZEN += ("adamss_newB",)  # AdaMSS's frozen singular basis, saved per layer
 INTEGER_DTYPES = ("I64", "I32", "I16", "I8", "U8", "BOOL")  # masks and positions, not trained numbers
 
 
