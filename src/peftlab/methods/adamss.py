@@ -39,9 +39,10 @@ Reads and writes HF PEFT's ``ADAMSS`` format exactly (``formats/hf_adamss.py``):
 ``A_k``, ``B_k`` and ``V^T``; the row groups are not saved, so both libraries recompute them from
 the base weight with the same seeded SVD and K-means (a file only loads on the base it was trained
 on, as in PEFT). Differences from HF PEFT: ``init=random`` is PEFT's ``init_weights=None``; ``A_k``'s
-start is computed exactly (PEFT gets the same subspace from a randomized SVD, so its start varies
-with the global random state; the saved values are what counts); ASA keeps the best
-``asa_target_subspaces`` (PEFT's strict threshold at the target's score keeps one fewer);
+start, and the singular values ``use_dynamic_rank`` counts, are computed exactly (PEFT approximates
+them with a rank-``r_k`` randomized SVD of ``U_k U_k^T``, 2 power iterations, which finds the top
+directions only roughly when the group's singular values are close, and varies with the global random
+state; the saved values are what counts, so files move exactly both ways); ASA keeps the best ``asa_target_subspaces`` (PEFT's strict threshold at the target's score keeps one fewer);
 ``subspace_rank`` is capped at ``R`` too (PEFT fails there); ``targets`` defaults to peftlab's
 ``all-linear``. ``nn.Linear`` only, as in PEFT. Needs scikit-learn (for K-means), as PEFT does.
 """
