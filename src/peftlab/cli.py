@@ -778,10 +778,13 @@ ADAPTER_PREFIXES = (
     r"peanut",
     r"tinylora(?=_[ABP]\b)",
     r"supertuning",
+    r"adamss",
+    r"hira",
 )
 ADAPTER_TENSOR = re.compile(r"\.(?=(?:" + "|".join(ADAPTER_PREFIXES) + r")_)")
 # saved but never trained, one a line: VeRA's and RandLoRA's random pair (PEFT's RandLoRA saves it under every
-# layer too), Uni-LoRA's scales, DeLoRA's column norms of the frozen weight, TinyLoRA's SVD factors and projection
+# layer too), Uni-LoRA's scales, DeLoRA's column norms of the frozen weight, TinyLoRA's SVD factors and projection,
+# AdaMSS's singular basis
 SAVED_FROZEN = (
     "vera_A",
     "vera_B",
@@ -795,6 +798,7 @@ SAVED_FROZEN = (
     "tinylora_A",
     "tinylora_B",
     "tinylora_P",
+    "adamss_newB",
 )
 INTEGER_DTYPES = ("I64", "I32", "I16", "I8", "U8", "BOOL")  # masks and positions, not trained numbers
 

@@ -290,6 +290,19 @@ def hf_twin(model, method: str, task: Task, spec: str | None = None):
                                       lora_alpha=config.lora_alpha, lora_dropout=config.dropout,
                                       init_weights=config.init == "zeros", save_precomputed_indices=config.save_indices,
                                       target_modules=modules, task_type=task_type)
+    elif method == "adamss":
+        twin = peft.AdamssConfig(r=config.r, num_subspaces=config.num_subspaces, subspace_rank=config.subspace_rank,
+                                 random_seed=config.random_seed, use_dynamic_rank=config.use_dynamic_rank,
+                                 svd_threshold=config.svd_threshold,
+                                 init_weights="orthogonal" if config.init == "orthogonal" else None,
+                                 **{k: getattr(config, k) for k in ("use_asa", "asa_target_subspaces", "init_warmup",
+                                                                     "final_warmup", "mask_interval", "asa_importance_beta",
+                                                                     "asa_uncertainty_beta", "asa_schedule_exponent")},
+                                 target_modules=modules, task_type=task_type)
+    elif method == "hira":
+        twin = peft.HiraConfig(r=config.r, hira_dropout=config.dropout, rank_pattern=config.rank_pattern,
+                               init_weights={"default": True, "random": False}.get(config.init, config.init),
+                               target_modules=modules, task_type=task_type)
     elif method == "ln_tuning":
         twin = peft.LNTuningConfig(target_modules=modules, task_type=task_type)
     elif method == "prompt":

@@ -26,6 +26,7 @@ from ..core.targets import named_base_modules
 from ..errors import AdapterFormatError, ConfigError, IncompatibleBaseError
 from ..quant import parameter_shape, quantization_record
 from . import hf_adalora, hf_lora, native
+from . import hf_adamss
 from . import hf_adaption_prompt
 from . import hf_beft
 from . import hf_c3a
@@ -35,6 +36,7 @@ from . import hf_delora
 from . import hf_fourierft
 from . import hf_glora
 from . import hf_gralora
+from . import hf_hira
 from . import hf_hra
 from . import hf_ia3
 from . import hf_lily
@@ -83,12 +85,14 @@ CONVERTERS = [
     hf_shira,
     hf_c3a,
     hf_hra,
+    hf_hira,
     hf_deft,
     hf_miss,
     hf_vblora,
     hf_randlora,
     hf_lily,
     hf_glora,
+    hf_adamss,
     hf_peanut,
     hf_poly,
     hf_trainable_tokens,
