@@ -279,6 +279,8 @@ def hf_twin(model, method: str, task: Task, spec: str | None = None):
     elif method == "peanut":
         twin = peft.PeanutConfig(r=config.r, depth=config.depth, act_fn=config.act_fn, scaling=config.scaling,
                                  init_weights=config.init == "zeros", target_modules=modules, task_type=task_type)
+    elif method == "cartridge":  # peft initialises it at random (peftlab's default); text init is a later step there
+        twin = peft.CartridgeConfig(num_virtual_tokens=config.length, num_frozen_tokens=config.frozen, task_type=task_type)
     elif method == "ln_tuning":
         twin = peft.LNTuningConfig(target_modules=modules, task_type=task_type)
     elif method == "prompt":

@@ -29,6 +29,7 @@ from . import hf_adalora, hf_lora, native
 from . import hf_adaption_prompt
 from . import hf_beft
 from . import hf_c3a
+from . import hf_cartridge
 from . import hf_cpt
 from . import hf_deft
 from . import hf_delora
@@ -92,6 +93,7 @@ CONVERTERS = [
     hf_trainable_tokens,
     hf_multitask_prompt,
     hf_cpt,
+    hf_cartridge,
     hf_beft,
     hf_osf,
     hf_pvera,

@@ -67,6 +67,7 @@ METHOD_FILES = (
     "prefix",
     "ptuning",
     "ptuning_v2",
+    "cartridge",
     "multitask_prompt",
     "cpt",
     "llama_adapter",
