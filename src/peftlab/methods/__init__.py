@@ -68,6 +68,7 @@ METHOD_FILES = (
     "ptuning",
     "ptuning_v2",
     "cartridge",
+    "dept",
     "multitask_prompt",
     "cpt",
     "llama_adapter",
