@@ -52,6 +52,7 @@ from . import hf_pvera
 from . import hf_randlora
 from . import hf_road
 from . import hf_shira
+from . import hf_spot
 from . import hf_trainable_tokens
 from . import hf_unilora
 from . import hf_vblora
@@ -94,6 +95,7 @@ CONVERTERS = [
     hf_multitask_prompt,
     hf_cpt,
     hf_cartridge,
+    hf_spot,
     hf_beft,
     hf_osf,
     hf_pvera,

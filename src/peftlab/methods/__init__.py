@@ -69,6 +69,7 @@ METHOD_FILES = (
     "ptuning_v2",
     "cartridge",
     "dept",
+    "spot",
     "multitask_prompt",
     "cpt",
     "llama_adapter",
