@@ -303,6 +303,8 @@ def hf_twin(model, method: str, task: Task, spec: str | None = None):
         twin = peft.HiraConfig(r=config.r, hira_dropout=config.dropout, rank_pattern=config.rank_pattern,
                                init_weights={"default": True, "random": False}.get(config.init, config.init),
                                target_modules=modules, task_type=task_type)
+    elif method == "cartridge":  # peft initialises it at random (peftlab's default); text init is a later step there
+        twin = peft.CartridgeConfig(num_virtual_tokens=config.length, num_frozen_tokens=config.frozen, task_type=task_type)
     elif method == "ln_tuning":
         twin = peft.LNTuningConfig(target_modules=modules, task_type=task_type)
     elif method == "prompt":

@@ -30,6 +30,7 @@ from . import hf_adamss
 from . import hf_adaption_prompt
 from . import hf_beft
 from . import hf_c3a
+from . import hf_cartridge
 from . import hf_cpt
 from . import hf_deft
 from . import hf_delora
@@ -53,6 +54,7 @@ from . import hf_pvera
 from . import hf_randlora
 from . import hf_road
 from . import hf_shira
+from . import hf_spot
 from . import hf_supertuning
 from . import hf_tinylora
 from . import hf_trainable_tokens
@@ -98,6 +100,8 @@ CONVERTERS = [
     hf_trainable_tokens,
     hf_multitask_prompt,
     hf_cpt,
+    hf_cartridge,
+    hf_spot,
     hf_beft,
     hf_osf,
     hf_pvera,
