@@ -62,6 +62,18 @@ def test_every_lora_option_names_real_peft_fields():
         assert not unknown, f"{option.hf}: {unknown} are not LoraConfig fields or peft optimizers"
 
 
+def test_the_survey_rows_are_the_issues_list_and_registered_ones_cite_their_paper():
+    from peftlab.methods import METHODS
+
+    assert set(parity.SURVEY) == {"AdaMix", "MerA", "DePT", "SPoT", "ATTEMPT", "InfoPrompt", "SPT", "MEFT"}
+    for row in parity.survey_rows():
+        if row["in_peftlab"]:
+            year = row["paper"].split(",")[1].split("(")[0].strip()
+            assert year in METHODS[row["peftlab"]].PAPER, (row, METHODS[row["peftlab"]].PAPER)
+        else:
+            assert row["note"], f"{row['method']} is missing and should say why"
+
+
 def test_readme_parity_table_is_generated():
     text = README.read_text()
     found = re.search(r"<!-- parity:start -->\n(.*?)<!-- parity:end -->", text, re.S)

@@ -1023,9 +1023,10 @@ def compare_hf(args) -> int:
     if args.markdown:
         print(parity.markdown_table())
         return 0
-    types, options = parity.type_rows(), parity.option_rows()
+    types, options, survey = parity.type_rows(), parity.option_rows(), parity.survey_rows()
     if args.json:
-        print(json.dumps({"hf_peft": parity.HF_VERSION, "types": types, "lora_options": options}, indent=2))
+        print(json.dumps({"hf_peft": parity.HF_VERSION, "types": types, "lora_options": options, "survey": survey},
+                         indent=2))
         return 0
     def cell(value):
         return "yes" if value is True else "no" if value is False else value or "-"
@@ -1036,6 +1037,9 @@ def compare_hf(args) -> int:
     print()
     headers = {"hf": "HF PEFT LoRA option", "peftlab": "peftlab", "files": "files both ways", "note": "note"}
     print_columns(headers, [{k: cell(r[k]) for k in headers} for r in options])
+    print()
+    headers = {"method": "survey method (not in HF PEFT)", "paper": "paper", "peftlab": "peftlab", "note": "note"}
+    print_columns(headers, [{k: cell(r[k]) for k in headers} for r in survey])
     return 0
 
 

@@ -42,36 +42,51 @@ HF_TYPES = {
     "ADAPTION_PROMPT": ("llama_adapter", "LLaMA-Adapter; Llama-family models only"),
     "XLORA": ("compose.mixture", "a gated mixture of frozen LoRAs (peftlab.compose.mixture), outputs twin-tested "
                                  "against peft's XLoraModel; X-LoRA's own files are not read"),
-    "HRA": ("hra", "not yet: issue 16, first tier"),
-    "VBLORA": ("vblora", "not yet: issue 16, first tier"),
-    "MISS": ("miss", "not yet: issue 16, first tier"),
-    "RANDLORA": ("randlora", "not yet: issue 16, first tier"),
-    "SHIRA": ("shira", "not yet: issue 16, first tier"),
-    "C3A": ("c3a", "not yet: issue 16, first tier"),
-    "ROAD": ("road", "not yet: issue 16, first tier"),
-    "WAVEFT": ("waveft", "not yet: issue 16, first tier"),
-    "DELORA": ("delora", "not yet: issue 16, first tier"),
-    "GRALORA": ("gralora", "not yet: issue 16, first tier"),
-    "TRAINABLE_TOKENS": ("trainable_tokens", "not yet: issue 16, first tier"),
-    "POLY": ("poly", "not yet: issue 16, first tier"),
-    "CPT": ("cpt", "not yet: issue 16, first tier"),
-    "MULTITASK_PROMPT_TUNING": ("multitask_prompt", "not yet: issue 16, first tier"),
-    "ADAMSS": ("adamss", "not yet: issue 16, second tier"),
-    "BEFT": ("beft", "not yet: issue 16, second tier"),
-    "LILY": ("lily", "not yet: issue 16, second tier"),
-    "FROD": ("frod", "not yet: issue 16, second tier"),
-    "PVERA": ("pvera", "not yet: issue 16, second tier"),
-    "GLORA": ("glora", "not yet: issue 16, second tier"),
-    "UNILORA": ("unilora", "not yet: issue 16, second tier"),
-    "HIRA": ("hira", "not yet: issue 16, second tier"),
-    "OSF": ("osf", "not yet: issue 16, second tier"),
-    "CARTRIDGE": ("cartridge", "not yet: issue 16, second tier"),
-    "TINYLORA": ("tinylora", "not yet: issue 16, second tier"),
-    "PSOFT": ("psoft", "not yet: issue 16, second tier"),
-    "PEANUT": ("peanut", "not yet: issue 16, second tier"),
-    "SHADOW": ("shadow", "not yet: issue 16, second tier"),
-    "SUPERTUNING": ("supertuning", "not yet: issue 16, second tier"),
-    "DEFT": ("deft", "not yet: issue 16, second tier"),
+    "HRA": ("hra", ""),
+    "VBLORA": ("vblora", ""),
+    "MISS": ("miss", ""),
+    "RANDLORA": ("randlora", ""),
+    "SHIRA": ("shira", ""),
+    "C3A": ("c3a", ""),
+    "ROAD": ("road", ""),
+    "WAVEFT": ("waveft", ""),
+    "DELORA": ("delora", ""),
+    "GRALORA": ("gralora", ""),
+    "TRAINABLE_TOKENS": ("trainable_tokens", ""),
+    "POLY": ("poly", ""),
+    "CPT": ("cpt", ""),
+    "MULTITASK_PROMPT_TUNING": ("multitask_prompt", ""),
+    "ADAMSS": ("adamss", ""),
+    "BEFT": ("beft", ""),
+    "LILY": ("lily", ""),
+    "FROD": ("frod", "not yet: in progress (issue 16)"),
+    "PVERA": ("pvera", ""),
+    "GLORA": ("glora", ""),
+    "UNILORA": ("unilora", ""),
+    "HIRA": ("hira", ""),
+    "OSF": ("osf", ""),
+    "CARTRIDGE": ("cartridge", ""),
+    "TINYLORA": ("tinylora", ""),
+    "PSOFT": ("psoft", "not yet: in progress (issue 16)"),
+    "PEANUT": ("peanut", ""),
+    "SHADOW": ("shadow", "not yet: a second, smaller transformer (built from the base's config) runs beside the "
+                          "frozen one, its state injected into and updated from every block; it needs a "
+                          "whole-block protocol, the shadow's own KV cache in generate and its auxiliary loss"),
+    "SUPERTUNING": ("supertuning", ""),
+    "DEFT": ("deft", ""),
+}
+
+# The survey's methods that HF PEFT does not have (issue 16): name -> (peftlab method, paper, note).
+# A method name that is not registered shows as missing, with the note as its reason.
+SURVEY = {
+    "AdaMix": ("adamix", "Wang et al., 2022 (arXiv:2205.12410)", ""),
+    "MerA": ("mera", "He et al., 2023 (arXiv:2308.15982)", ""),
+    "DePT": ("dept", "Shi & Lipani, 2024 (arXiv:2309.05173)", ""),
+    "SPoT": ("spot", "Vu et al., 2022 (arXiv:2110.07904)", ""),
+    "ATTEMPT": ("attempt", "Asai et al., 2022 (arXiv:2205.11961)", ""),
+    "InfoPrompt": ("infoprompt", "Wu et al., 2023 (arXiv:2306.04933)", ""),
+    "SPT": ("spt", "Zhu & Tan, 2023 (EMNLP 2023)", ""),
+    "MEFT": ("meft", "Liao et al., 2023 (arXiv:2306.00477)", ""),
 }
 
 
@@ -184,6 +199,12 @@ def type_rows(measured: dict | None = None) -> list[dict]:
     return rows
 
 
+def survey_rows() -> list[dict]:
+    return [{"method": name, "peftlab": method if registered(method) else "", "paper": paper,
+             "in_peftlab": registered(method), "note": "" if registered(method) else note or "not yet"}
+            for name, (method, paper, note) in SURVEY.items()]
+
+
 def option_rows() -> list[dict]:
     rows = []
     for option in LORA_OPTIONS:
@@ -213,4 +234,8 @@ def markdown_table(measured: dict | None = None) -> str:
     for r in options:
         name = f"`{r['peftlab']}`" if r["peftlab"] else "-"
         lines.append(f"| `{r['hf']}` | {name} | {_yes(r['files'])} | {r['note']} |")
+    lines += ["", "| the survey's methods HF PEFT lacks | paper | peftlab | note |", "|---|---|---|---|"]
+    for r in survey_rows():
+        name = f"`{r['peftlab']}`" if r["peftlab"] else "-"
+        lines.append(f"| {r['method']} | {r['paper']} | {name} | {r['note']} |")
     return "\n".join(lines)
