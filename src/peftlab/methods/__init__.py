@@ -84,6 +84,7 @@ METHOD_FILES = (
     "sparse_adapter",
     "fusion",
     "ladder",
+    "meft",
     "mam",
     "unipelt",
 )
