@@ -347,7 +347,7 @@ class ReversibleCoupling(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy1, dy2):
         step = ctx.step
-        top = step.run.top
+        top = step.run.top if step is not None else None
         if top is None or top[0] != step.index:
             raise StateError("meft: the reversible backward walks the blocks down once per forward; a second backward "
                              "through the same graph (retain_graph) is not supported, run the forward again")
