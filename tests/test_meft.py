@@ -162,6 +162,24 @@ def test_other_trainable_parameters_get_their_gradients_through_the_reversible_p
         torch.testing.assert_close(reversible[name], plain[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("settings", ["reversible_blocks=2", "anchor_every=2", "anchor_every=1,reversible_blocks=3"])
+def test_partly_reversible_and_anchored_stacks_give_the_same_gradients(settings):
+    model = peftlab.attach(make_llama(num_hidden_layers=5, **SCALE).double(), f"meft[{settings}]")
+    perturb(model)
+    reversible, plain = reversible_and_plain_gradients(model, unpadded("llama"))
+    for name in plain:
+        torch.testing.assert_close(reversible[name], plain[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_an_overflowing_reconstruction_is_a_clear_error():
+    model = peftlab.attach(make_llama(num_hidden_layers=4, **SCALE), "meft[lam=1e-20]")
+    perturb(model)
+    model.train()
+    loss = model(**batch("llama"), use_cache=False).loss
+    with pytest.raises(peftlab.StateError, match="overflowed.*reversible_blocks"):
+        loss.backward()
+
+
 @pytest.mark.parametrize("arch", ["llama", "bert"])
 def test_the_model_starts_at_the_pretrained_one_up_to_order_lam(arch):
     data = unpadded(arch)
@@ -258,6 +276,10 @@ def test_clear_errors():
         peftlab.attach(make_llama(), "meft[lam=0]")
     with pytest.raises(peftlab.ConfigError, match="r .the adapters' bottleneck"):
         peftlab.attach(make_llama(), "meft[r=0]")
+    with pytest.raises(peftlab.ConfigError, match="anchor_every"):
+        peftlab.attach(make_llama(), "meft[anchor_every=0]")
+    with pytest.raises(peftlab.ConfigError, match="reversible_blocks"):
+        peftlab.attach(make_llama(), "meft[reversible_blocks=-1]")
     with pytest.raises(peftlab.TargetError, match="hidden_size and num_hidden_layers"):
         peftlab.attach(nn.Sequential(nn.Linear(4, 4)), "meft")
     model = peftlab.attach(make_llama(), "meft", name="a")
