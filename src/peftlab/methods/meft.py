@@ -199,7 +199,11 @@ class ReversibleStack(nn.Module):
             self._release()
         owner = self._blocks[0].__dict__.get(RUNNING_ATTR)
         if owner is not None and owner is not self:
-            raise StateError("two meft adapters are active together; a block can be made reversible once: set_active one")
+            together = bool(owner._runs) and owner._runs[-1].next == 0  # its forward has not reached a block yet
+            owner._release()  # else: left behind by a forward that raised
+            if together:
+                raise StateError("two meft adapters are active together; a block can be made reversible once: "
+                                 "set_active one")
         run = Run()
         self._runs.append(run)
         if len(self._runs) == 1:
