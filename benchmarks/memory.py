@@ -17,6 +17,10 @@ Rows:
   ``transformers``' gradient checkpointing (``gradient_checkpointing_enable``).
 - lora: peftlab's LoRA with the model's own loss (like for like with hf_lora); lora_gc: + peftlab's
   gradient checkpointing; lora_gc_chunked: + the blockwise loss (``train/loss.py``).
+- meft: MEFT (reversible blocks: the backward computes each block's inputs back from its outputs and
+  recomputes the block, keeping no activations per layer), lam=0.01 and the exact inputs of every
+  second block kept (``anchor_every=2``): at the paper's lam=0.1 this 30-block pre-norm model starts
+  far from the pretrained one and its fp32 inverse overflows (``methods/meft.py``); blockwise loss.
 - lora_fa: LoRA-FA (A frozen), blockwise loss.
 - qlora_nf4: QLoRA, LoRA on an NF4 base (every linear layer but the head, double quantization),
   blockwise loss; qlora_nf4_loftq: the same with LoftQ's init; qlora_nf4_gc: + checkpointing;
@@ -55,6 +59,7 @@ ROWS = {
     "lora": {"method": LORA, "chunked": False},
     "lora_gc": {"method": LORA, "chunked": False, "gc": True},
     "lora_gc_chunked": {"method": LORA, "gc": True},
+    "meft": {"method": "meft[lam=0.01,anchor_every=2]"},
     "lora_fa": {"method": "lora_fa[r=16,alpha=32,targets=all-linear]"},
     "qlora_nf4": {"method": LORA, "quantize": "nf4"},
     "qlora_nf4_loftq": {"method": "lora[r=16,alpha=32,targets=all-linear,init=loftq]", "quantize": "nf4", "loftq": 16},

@@ -52,7 +52,7 @@ def test_gradients_with_checkpointing_equal_those_without(method, arch):
     assert plain and plain.keys() == checkpointed.keys()
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=0, atol=1e-5, msg=name)
-    if method == "ladder":  # its backbone keeps nothing for backward, so there is nothing to recompute
+    if method in ("ladder", "meft"):  # backbones that keep nothing for backward: nothing to recompute
         assert checkpointed_bytes == plain_bytes
     else:
         assert checkpointed_bytes < plain_bytes  # the layers really were checkpointed

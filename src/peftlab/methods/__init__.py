@@ -91,6 +91,7 @@ METHOD_FILES = (
     "sparse_adapter",
     "fusion",
     "ladder",
+    "meft",
     "mam",
     "unipelt",
 )
