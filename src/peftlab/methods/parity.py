@@ -84,8 +84,10 @@ SURVEY = {
     "DePT": ("dept", "Shi & Lipani, 2024 (arXiv:2309.05173)", ""),
     "SPoT": ("spot", "Vu et al., 2022 (arXiv:2110.07904)", ""),
     "ATTEMPT": ("attempt", "Asai et al., 2022 (arXiv:2205.11961)", ""),
-    "InfoPrompt": ("infoprompt", "Wu et al., 2023 (arXiv:2306.04933)", ""),
-    "SPT": ("spt", "Zhu & Tan, 2023 (EMNLP 2023)", ""),
+    "InfoPrompt": ("infoprompt", "Wu et al., 2023 (arXiv:2306.04933)",
+                   "not yet: only the abstract was readable here, not the two mutual-information estimators "
+                   "(critic, negatives, weights) that define it"),
+    "SPT": ("spt", "Zhu & Tan, 2023 (EMNLP 2023)", "not yet: learned per-layer prompt-insertion gates; not started"),
     "MEFT": ("meft", "Liao et al., 2023 (arXiv:2306.00477)", ""),
 }
 
