@@ -68,6 +68,7 @@ METHOD_FILES = (
     "ptuning",
     "ptuning_v2",
     "multitask_prompt",
+    "attempt",
     "cpt",
     "llama_adapter",
     "ia3",
