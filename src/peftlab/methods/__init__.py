@@ -79,6 +79,7 @@ METHOD_FILES = (
     "select",
     "houlsby",
     "pfeiffer",
+    "adamix",
     "parallel",
     "compacter",
     "compacterpp",
