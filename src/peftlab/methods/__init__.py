@@ -80,6 +80,7 @@ METHOD_FILES = (
     "houlsby",
     "pfeiffer",
     "adamix",
+    "mera",
     "parallel",
     "compacter",
     "compacterpp",
