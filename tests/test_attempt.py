@@ -64,7 +64,7 @@ def test_each_row_gets_the_target_prompt_plus_its_attention_mixture_by_hand():
         for row in range(ids.shape[0]):
             tokens = model.get_input_embeddings()(ids[row])
             x = torch.stack([max(tokens[i, j] for i in range(tokens.shape[0]) if mask[row, i]) for j in range(32)])
-            z = att.up.weight @ (lambda v: v * torch.sigmoid(v))(att.down.weight @ x + att.down.bias) + att.up.bias
+            z = att.up.weight @ (lambda v: v * torch.sigmoid(v))(att.down.weight @ x)  # no biases
             h = (z - z.mean()) / torch.sqrt(z.var(unbiased=False) + att.norm.eps) * att.norm.weight + att.norm.bias
             scores = torch.stack([prompts[j].max(0).values @ h for j in range(3)]) / (32 * math.e)
             a = torch.exp(scores) / torch.exp(scores).sum()

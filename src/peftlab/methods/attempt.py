@@ -17,8 +17,9 @@ input's embeddings ``X`` (tokens x hidden) and ``maxpool`` over the token axis::
 
 and ``P(x)`` is prepended to that input's embeddings as prompt tuning does (``prompting.py``: mask,
 positions, KV cache and ``generate`` are handled there). Only ``P_{t+1}``, ``W_down``, ``W_up`` and
-the layer norm train. ``T`` defaults to ``hidden * e``, the paper's choice, which keeps the mixture
-soft at the start.
+the layer norm train. ``W_down`` and ``W_up`` have no bias and ``attn_r`` defaults to 100, as in the
+authors' code; ``T`` defaults to ``hidden * e`` (the paper's ``d * exp(1)``; their code's default 2000
+is that for T5-base's 768), which keeps the mixture soft at the start.
 
 Source prompts: ``sources=[path, ...]`` names soft-prompt adapters peftlab saved (a folder or its
 ``adapter_model.safetensors``: ``prompt`` in HF PEFT's PROMPT_TUNING format, or a peftlab-format
@@ -32,7 +33,9 @@ model (a smoke test of the mechanics, not a transfer). The source prompts are sa
 Differences from the paper: the paper pre-trains the source prompts itself (prompt tuning on each
 source task) and, in multi-task training, shares the attention module across target tasks; here the
 sources are any saved peftlab soft prompts and one adapter serves one target task (attach one per
-task, or use ``multitask_prompt`` for task-conditioned prompts). The target prompt starts like
+task, or use ``multitask_prompt`` for task-conditioned prompts). The input's max-pool skips padded
+positions (the authors' code pools over the padding too), so a row's mixture does not depend on how
+much padding its batch gave it. The target prompt starts like
 prompt tuning's (``init=vocab`` / ``random`` / ``text``). HF PEFT has no ATTEMPT, so the adapter is
 saved in peftlab's own format.
 
@@ -61,7 +64,7 @@ PAPER = "Asai et al., 2022 (arXiv:2205.11961)"
 MERGEABLE = False
 IDENTITY_AT_INIT = False
 # peftlab's prompt-tuning rate (3e-2 with AdamW): the trained part is a soft prompt plus a small network.
-# The paper tunes at 0.3 with Adafactor, as Lester et al. do for prompt tuning. Not yet measured for ATTEMPT
+# The authors' T5 configs use 0.3 for the prompts and 0.1 for the attention module. Not yet measured for ATTEMPT
 DEFAULT_LR = 3e-2
 INVALID_SETTINGS = ("length=0", "attn_r=0", "temperature=-1", "random_sources=-1", "sources=[]", "init=zeros")
 
@@ -83,7 +86,7 @@ class AttemptConfig(MethodConfig):
     length: int = 20
     sources: list | None = None
     random_sources: int = 2
-    attn_r: int = 16
+    attn_r: int = 100
     temperature: float | None = None
     init: str = "vocab"
     init_text: str | None = None
@@ -187,8 +190,8 @@ class AttentionModule(nn.Module):
     def __init__(self, hidden: int, r: int, like: torch.Tensor):
         super().__init__()
         factory = dict(device=like.device, dtype=like.dtype)
-        self.down = nn.Linear(hidden, r, **factory)
-        self.up = nn.Linear(r, hidden, **factory)
+        self.down = nn.Linear(hidden, r, bias=False, **factory)  # bias-free, as in the authors' code
+        self.up = nn.Linear(r, hidden, bias=False, **factory)
         self.norm = nn.LayerNorm(hidden, **factory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
