@@ -107,7 +107,7 @@ def test_the_consistency_loss_compares_two_random_pairs_on_the_same_input():
     terms = []
     with torch.no_grad():
         for adapter, h, (i, j) in seen:
-            i2, j2 = torch.randint(3, (2,)).tolist()
+            i2, j2 = int(torch.randint(3, ())), int(torch.randint(3, ()))
             terms.append((by_hand(adapter, h, i, j) - by_hand(adapter, h, i2, j2)).pow(2).mean())
     torch.testing.assert_close(penalty.detach(), 0.5 * torch.stack(terms).mean())
     penalty.backward()
@@ -127,6 +127,20 @@ def test_consistency_zero_adds_no_loss_and_the_trainer_runs_with_it():
     rows = [{"input_ids": r, "labels": r} for r in ids()]
     result = train(model, rows, TrainConfig(lr=1e-2, steps=3, batch_size=2, warmup_steps=0, progress=False, device="cpu"))
     assert all(torch.isfinite(torch.tensor(result.losses)))
+
+
+def test_a_shared_projection_is_one_expert_on_that_side():
+    model = peftlab.attach(make_llama(**SCALE), "adamix[experts=3,share=up]")
+    model.train()
+    _, adapter = layers(model)[0]
+    assert (len(adapter.down.experts), len(adapter.up.experts)) == (3, 1)
+    h = torch.randn(2, 5, 32)
+    pairs = set()
+    for seed in range(20):
+        torch.manual_seed(seed)
+        adapter(None, h)
+        pairs.add(adapter.last_pair)
+    assert {j for _, j in pairs} == {0} and {i for i, _ in pairs} == {0, 1, 2}
 
 
 def test_bad_settings_fail_clearly():

@@ -29,9 +29,11 @@ Differences from the paper: its consistency loss compares the *model's* output d
 stochastic forward passes (a second full forward per step). peftlab's training hooks see neither the
 batch nor the loss, and a second forward would double the step, so here each adapter compares its two
 pairs' outputs on the input it saw (mean squared difference, one extra adapter pass, no extra model
-pass): the same pull of the experts towards agreement, measured where the experts act. The paper's
-optional sharing of one projection across the experts is not offered. HF PEFT has no AdaMix, so the
-adapter (all experts) is saved in peftlab's own format.
+pass): the same pull of the experts towards agreement, measured where the experts act (the authors'
+code weighs its symmetric KL by 100; the scales differ, so ``consistency`` has its own default). The
+paper's sharing of one projection across the experts is ``share=down`` or ``share=up`` (one expert
+there, ``experts`` on the other side). HF PEFT has no AdaMix, so the adapter (all experts) is saved in
+peftlab's own format.
 
 Not mergeable: the nonlinearity between the two projections cannot be folded into a weight (averaging
 the experts is the paper's merge, and eval mode does it).
@@ -56,18 +58,21 @@ MERGEABLE = False
 # is picked in only about 1/experts of the steps (at 5e-3, 12 steps on the tiny models moved the loss a third as
 # far as Houlsby's). Not yet measured for AdaMix on a real task
 DEFAULT_LR = 1e-2
-INVALID_SETTINGS = ("experts=0", "consistency=-1", "reduction=0", "activation=softmax")
+INVALID_SETTINGS = ("experts=0", "consistency=-1", "share=both", "reduction=0", "activation=softmax")
+SHARES = ("none", "down", "up")
 
 
 @dataclass
 class AdaMixConfig(BottleneckConfig):
     """experts: adapters per position (M); consistency: weight of the agreement loss between two random
-    pairs (0 = off); plus the bottleneck settings (bottleneck / reduction, activation, AdapterDrop)."""
+    pairs (0 = off); share: none, or the projection (down / up) all experts share; plus the bottleneck
+    settings (bottleneck / reduction, activation, AdapterDrop)."""
 
     method: ClassVar[str] = "adamix"
     targets: Any = field(default_factory=lambda: ["attn-out", "ffn-out"])
     experts: int = 4
     consistency: float = 1.0
+    share: str = "none"
 
     def validate(self) -> None:
         super().validate()
@@ -76,6 +81,9 @@ class AdaMixConfig(BottleneckConfig):
         if isinstance(self.consistency, bool) or not isinstance(self.consistency, (int, float)) or not self.consistency >= 0:
             raise ConfigError(f"{self.method}: consistency (the agreement loss's weight) must be a number >= 0, "
                               f"got {self.consistency!r}")
+        if self.share not in SHARES:
+            raise ConfigError(f"{self.method}: share (a projection all experts share) must be one of {', '.join(SHARES)}, "
+                              f"got {self.share!r}")
 
 
 # ---- modules -----------------------------------------------------------------------------------
@@ -109,10 +117,9 @@ def expert_linears(count: int, width_in: int, width_out: int, like: torch.Tensor
     return Experts(linears)
 
 
-def draw_pair(count: int) -> tuple[int, int]:
-    """A random (down expert, up expert), uniform and independent."""
-    pair = torch.randint(count, (2,))
-    return int(pair[0]), int(pair[1])
+def draw_pair(downs: int, ups: int) -> tuple[int, int]:
+    """A random (down expert, up expert), each uniform, drawn independently."""
+    return int(torch.randint(downs, ())), int(torch.randint(ups, ()))
 
 
 class AdaMixAdapter(BottleneckAdapter):
@@ -120,7 +127,7 @@ class AdaMixAdapter(BottleneckAdapter):
 
     def __init__(self, down: Experts, up: Experts, config: AdaMixConfig, module_name: str):
         super().__init__(down, up, config, module_name)
-        self.count = len(down.experts)
+        self.counts = (len(down.experts), len(up.experts))
         self.consistency = config.consistency
         self.last_pair = None  # the (down, up) pair of the latest training forward
         self.seen = None  # (input, down, up) of the latest training forward, for the consistency loss
@@ -136,7 +143,7 @@ class AdaMixAdapter(BottleneckAdapter):
     def forward(self, x, base_out):
         if not self.training:
             return self.pair_output(base_out, None)
-        pair = draw_pair(self.count)
+        pair = draw_pair(*self.counts)
         self.last_pair = pair
         if self.consistency and torch.is_grad_enabled():
             self.seen = (base_out.detach(), pair)
@@ -171,7 +178,7 @@ def regularization(model: nn.Module, name: str, config: AdaMixConfig):
         if seen is None:
             continue
         h, pair = seen
-        terms.append((adapter.pair_output(h, pair) - adapter.pair_output(h, draw_pair(adapter.count))).pow(2).mean())
+        terms.append((adapter.pair_output(h, pair) - adapter.pair_output(h, draw_pair(*adapter.counts))).pow(2).mean())
     return config.consistency * torch.stack(terms).mean() if terms else None
 
 
@@ -182,6 +189,6 @@ can_wrap = is_linear
 def make_adapter(module: nn.Module, config: AdaMixConfig, module_name: str) -> AdaMixAdapter:
     width = out_width(module)
     size = config.bottleneck_for(width)
-    down = expert_linears(config.experts, width, size, module.weight, zero=False)
-    up = expert_linears(config.experts, size, width, module.weight, zero=True)
+    down = expert_linears(1 if config.share == "down" else config.experts, width, size, module.weight, zero=False)
+    up = expert_linears(1 if config.share == "up" else config.experts, size, width, module.weight, zero=True)
     return AdaMixAdapter(down, up, config, module_name)
