@@ -127,6 +127,31 @@ def test_the_merge_is_the_hand_averaged_best_aligned_weights():
     assert not torch.allclose(naive[0], hand[module][0])  # the alignment mattered here
 
 
+def test_activation_alignment_averages_the_best_matched_units_by_hand():
+    """The permutation maximising the summed dot products of matched units' activations act(D h + d)
+    over the batches' tokens (h: the base model's output there), by brute force."""
+    model = with_sources(permuted=False)
+    peftlab.attach(model, "mera[sources=[a,b],align=activation]")
+    inputs = {}
+    hooks = [layer.base_layer.register_forward_hook(lambda mod, args, out, m=m: inputs.__setitem__(m, out.reshape(-1, 32)))
+             for m, layer in core.adapter_layers(model, "default")]
+    with peftlab.disabled(model), torch.no_grad():
+        model(input_ids=ids())
+    for hook in hooks:
+        hook.remove()
+    core.calibrate(model, [{"input_ids": ids(), "labels": ids()}], lambda m, b: m(**b).loss)
+    for module, h in inputs.items():
+        a, b = adapter_of(model, "a")[module], adapter_of(model, "b")[module]
+        with torch.no_grad():
+            acts_a, acts_b = torch.relu(h @ a.down.weight.T + a.down.bias), torch.relu(h @ b.down.weight.T + b.down.bias)
+            best = list(max(itertools.permutations(range(4)),
+                            key=lambda p: sum(float(acts_a[:, k] @ acts_b[:, p[k]]) for k in range(4))))
+            hand = [(a.down.weight + b.down.weight[best]) / 2, (a.down.bias + b.down.bias[best]) / 2,
+                    (a.up.weight + b.up.weight[:, best]) / 2, (a.up.bias + b.up.bias) / 2]
+        for got, want in zip(weights(adapter_of(model, "default")[module]), hand):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_the_hungarian_fallback_agrees_with_scipy():
     scipy_optimize = pytest.importorskip("scipy.optimize")
     rng = np.random.default_rng(0)

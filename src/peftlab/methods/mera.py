@@ -11,15 +11,19 @@ al. 2023), then averages.
 What: the sources are bottleneck adapters of one kind and shape (``houlsby`` or ``pfeiffer``) at the
 same modules. A hidden unit ``k`` of an adapter is the row ``D[k]``, bias ``d[k]`` of its
 down-projection and the column ``U[:, k]`` of its up-projection; permuting the units (rows of ``D``
-and ``d``, columns of ``U``) does not change the adapter's output. Per module, each source ``s`` is
-aligned to the first one by a permutation ``pi_s`` that maximises the summed similarity of matched
-units, found as an assignment problem (``scipy.optimize.linear_sum_assignment`` when scipy is
+and ``d``, columns of ``U``) does not change the adapter's output. The paper aligns the units by
+optimal transport (Singh & Jaggi's OT fusion) on weights or on activations. Two adapters of one
+width have as many units, each of weight 1/b, and exact optimal transport between two such uniform
+sets is a permutation; with the squared Euclidean ground cost it is the permutation maximising the
+summed dot products of matched units (the squared norms add up to the same total whatever the
+matching). So per module each source ``s`` is aligned to the first one by that permutation
+``pi_s``, found as an assignment problem (``scipy.optimize.linear_sum_assignment`` when scipy is
 installed, else the Hungarian algorithm here):
 
-- ``align=weight`` (default): the similarity of units ``k`` and ``l`` is the dot product of their
-  weights ``[D[k], d[k], U[:, k]]`` (weight matching; needs no data);
-- ``align=activation``: the correlation of their activations ``act(D h + d)`` over the tokens of
-  the first training batches (``h``: the base model's output of the wrapped module). The trainer's
+- ``align=weight`` (default): units are compared by their weights ``[D[k], d[k], U[:, k]]``
+  (needs no data);
+- ``align=activation``: units are compared by their activations ``act(D h + d)`` over the tokens
+  of the first training batches (``h``: the base model's output of the wrapped module). The trainer's
   ``calibrate`` hook realigns with those batches before the first step; until then (and without
   the trainer) the weight alignment stands. It runs once (``calibrated`` records it), so it never
   overwrites an adapter that has been trained or loaded.
@@ -33,10 +37,10 @@ The merged adapter sits at the sources' modules (``targets`` can narrow them) wi
 width and activation, recorded in the config (``bottleneck``, ``activation``, ``merged=true``), so a
 saved MerA adapter loads without its sources.
 
-Differences from the paper: the paper studies pairs of adapters and then tunes; peftlab aligns any
-number of sources to the first. Its alignment uses optimal transport in one variant; here it is
-always a hard permutation (an assignment), the brief's and the weight-matching literature's choice.
-HF PEFT has no MerA, so it is saved in peftlab's own format. Not mergeable into the base weights (a
+Differences from the paper: the paper merges pairs of adapters; peftlab aligns any number of
+sources to the first and averages them all. Activations are those of the base model at each
+position (the sources' own upstream adapters are off), one batch set for all sources. HF PEFT has
+no MerA, so it is saved in peftlab's own format. Not mergeable into the base weights (a
 bottleneck adapter has a nonlinearity).
 """
 from __future__ import annotations
@@ -105,13 +109,6 @@ class MeraConfig(BottleneckConfig):
 def unit_features(down_w: torch.Tensor, down_b: torch.Tensor, up_w: torch.Tensor) -> torch.Tensor:
     """One row per hidden unit: ``[D[k], d[k], U[:, k]]``, (bottleneck x 2*width+1)."""
     return torch.cat([down_w, down_b[:, None], up_w.T], dim=1)
-
-
-def correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pearson correlation of every column of ``a`` with every column of ``b`` (rows are samples)."""
-    a = (a - a.mean(0)) / (a.std(0, unbiased=False) + 1e-8)
-    b = (b - b.mean(0)) / (b.std(0, unbiased=False) + 1e-8)
-    return a.T @ b / a.shape[0]
 
 
 def hungarian(cost: np.ndarray) -> np.ndarray:
@@ -286,7 +283,7 @@ def uses_hook(config: MeraConfig, hook: str) -> bool:
 
 
 def calibrate(model: nn.Module, name: str, config: MeraConfig, batches, loss_fn) -> None:
-    """Activation alignment: realign and re-merge the sources from their hidden units' correlations on
+    """Activation alignment: realign and re-merge the sources from their hidden units' activations on
     ``batches`` (the base model's outputs at each module), and write the result into the adapters."""
     _, weights = read_sources(model, config)
     layers = {m: layer for m, layer in core.adapter_layers(model, name) if m in weights}
@@ -305,7 +302,7 @@ def calibrate(model: nn.Module, name: str, config: MeraConfig, batches, loss_fn)
         h = torch.cat(seen[module_name])[:CALIBRATION_ROWS].float()
         sources = weights[module_name]
         units = [act(h @ w[0].float().T + w[1].float()) for w in sources]
-        merged = merge_aligned(sources, [correlation(units[0], other) for other in units[1:]])
+        merged = merge_aligned(sources, [units[0].T @ other for other in units[1:]])
         adapter = layer.adapters[name]
         load_merged(adapter.down, adapter.up, tuple(t.to(adapter.down.weight.dtype) for t in merged))
     config.calibrated = True
