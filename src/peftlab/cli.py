@@ -776,10 +776,12 @@ ADAPTER_PREFIXES = (
     r"glora",
     r"lily",
     r"peanut",
+    r"frod_lambda",
 )
 ADAPTER_TENSOR = re.compile(r"\.(?=(?:" + "|".join(ADAPTER_PREFIXES) + r")_)")
 # VeRA's and RandLoRA's random pair: saved (by PEFT's RandLoRA also under every layer), never trained; Uni-LoRA's scales
 SHARED_FROZEN = ("vera_A", "vera_B", "pvera_A", "pvera_B", "randlora_A", "randlora_B", "unilora_scales_A", "unilora_scales_B")
+SHARED_FROZEN_PREFIXES = ("base_model.frod_V.",)  # saved once per module category (FRoD's shared bases), never trained
 INTEGER_DTYPES = ("I64", "I32", "I16", "I8", "U8", "BOOL")  # masks and positions, not trained numbers
 
 
@@ -808,6 +810,7 @@ def adapter_info(adapter) -> dict:
     other_params = sum(math.prod(t["shape"]) for n, t in tensors.items() if is_saved_module(n))
     adapter_params = sum(math.prod(t["shape"]) for n, t in tensors.items()  # integer tensors are positions (SHiRA's)
                          if not is_saved_module(n) and n.rsplit(".", 1)[-1] not in SHARED_FROZEN
+                         and not n.startswith(SHARED_FROZEN_PREFIXES)
                          and t["dtype"] not in INTEGER_DTYPES)
     size = sum(math.prod(t["shape"]) * SAFETENSORS_DTYPE_BYTES.get(t["dtype"], 4) for t in tensors.values())
     peft_type = hf.get("peft_type", "?")

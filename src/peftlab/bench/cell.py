@@ -279,6 +279,10 @@ def hf_twin(model, method: str, task: Task, spec: str | None = None):
     elif method == "peanut":
         twin = peft.PeanutConfig(r=config.r, depth=config.depth, act_fn=config.act_fn, scaling=config.scaling,
                                  init_weights=config.init == "zeros", target_modules=modules, task_type=task_type)
+    elif method == "frod":
+        twin = peft.FrodConfig(sparse_rate=config.sparse_rate, regularization_alpha=config.regularization_alpha,
+                               projection_prng_key=config.projection_prng_key, save_projection=config.save_projection,
+                               frod_dropout=config.dropout, progressbar=False, target_modules=modules, task_type=task_type)
     elif method == "ln_tuning":
         twin = peft.LNTuningConfig(target_modules=modules, task_type=task_type)
     elif method == "prompt":

@@ -33,6 +33,7 @@ from . import hf_cpt
 from . import hf_deft
 from . import hf_delora
 from . import hf_fourierft
+from . import hf_frod
 from . import hf_glora
 from . import hf_gralora
 from . import hf_hra
@@ -88,6 +89,7 @@ CONVERTERS = [
     hf_lily,
     hf_glora,
     hf_peanut,
+    hf_frod,
     hf_poly,
     hf_trainable_tokens,
     hf_multitask_prompt,

@@ -59,6 +59,7 @@ METHOD_FILES = (
     "osf",
     "miss",
     "peanut",
+    "frod",
     "qalora",
     "diff_pruning",
     "fishmask",
