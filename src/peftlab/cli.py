@@ -777,6 +777,7 @@ ADAPTER_PREFIXES = (
     r"lily",
     r"peanut",
     r"frod_lambda",
+    r"psoft",
 )
 ADAPTER_TENSOR = re.compile(r"\.(?=(?:" + "|".join(ADAPTER_PREFIXES) + r")_)")
 # VeRA's and RandLoRA's random pair: saved (by PEFT's RandLoRA also under every layer), never trained; Uni-LoRA's scales

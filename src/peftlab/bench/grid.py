@@ -66,6 +66,7 @@ TWINS = (  # methods with an HF PEFT twin (bench/cell.py hf_twin), one a line
     "lily",
     "peanut",
     "frod",
+    "psoft",
 )
 SKIPPED = {"fusion": "fuses adapters that must be trained first; benchmark it from trained adapters",
            "trainable_tokens": "trains the rows of token ids it is given (new tokens); a task has no such ids by default"}

@@ -48,6 +48,7 @@ from . import hf_osf
 from . import hf_peanut
 from . import hf_poly
 from . import hf_prompt
+from . import hf_psoft
 from . import hf_pvera
 from . import hf_randlora
 from . import hf_road
@@ -90,6 +91,7 @@ CONVERTERS = [
     hf_glora,
     hf_peanut,
     hf_frod,
+    hf_psoft,
     hf_poly,
     hf_trainable_tokens,
     hf_multitask_prompt,

@@ -55,6 +55,7 @@ METHOD_FILES = (
     "road",
     "delora",
     "hra",
+    "psoft",
     "deft",
     "osf",
     "miss",
