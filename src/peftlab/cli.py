@@ -776,13 +776,33 @@ ADAPTER_PREFIXES = (
     r"glora",
     r"lily",
     r"peanut",
+    r"tinylora(?=_[ABP]\b)",
+    r"supertuning",
+    r"adamss",
+    r"hira",
     r"frod_lambda",
     r"psoft",
 )
 ADAPTER_TENSOR = re.compile(r"\.(?=(?:" + "|".join(ADAPTER_PREFIXES) + r")_)")
-# VeRA's and RandLoRA's random pair: saved (by PEFT's RandLoRA also under every layer), never trained; Uni-LoRA's scales
-SHARED_FROZEN = ("vera_A", "vera_B", "pvera_A", "pvera_B", "randlora_A", "randlora_B", "unilora_scales_A", "unilora_scales_B")
-SHARED_FROZEN_PREFIXES = ("base_model.frod_V.",)  # saved once per module category (FRoD's shared bases), never trained
+# saved but never trained, one a line: VeRA's and RandLoRA's random pair (PEFT's RandLoRA saves it under every
+# layer too), Uni-LoRA's scales, DeLoRA's column norms of the frozen weight, TinyLoRA's SVD factors and projection,
+# AdaMSS's singular basis
+SAVED_FROZEN = (
+    "vera_A",
+    "vera_B",
+    "pvera_A",
+    "pvera_B",
+    "randlora_A",
+    "randlora_B",
+    "unilora_scales_A",
+    "unilora_scales_B",
+    "delora_w_norm",
+    "tinylora_A",
+    "tinylora_B",
+    "tinylora_P",
+    "adamss_newB",
+)
+SAVED_FROZEN_PREFIXES = ("base_model.frod_V.",)  # saved once per module category (FRoD's shared bases), never trained
 INTEGER_DTYPES = ("I64", "I32", "I16", "I8", "U8", "BOOL")  # masks and positions, not trained numbers
 
 
@@ -810,8 +830,8 @@ def adapter_info(adapter) -> dict:
                           for parts in found if len(parts) > 1})
     other_params = sum(math.prod(t["shape"]) for n, t in tensors.items() if is_saved_module(n))
     adapter_params = sum(math.prod(t["shape"]) for n, t in tensors.items()  # integer tensors are positions (SHiRA's)
-                         if not is_saved_module(n) and n.rsplit(".", 1)[-1] not in SHARED_FROZEN
-                         and not n.startswith(SHARED_FROZEN_PREFIXES)
+                         if not is_saved_module(n) and n.rsplit(".", 1)[-1] not in SAVED_FROZEN
+                         and not n.startswith(SAVED_FROZEN_PREFIXES)
                          and t["dtype"] not in INTEGER_DTYPES)
     size = sum(math.prod(t["shape"]) * SAFETENSORS_DTYPE_BYTES.get(t["dtype"], 4) for t in tensors.values())
     peft_type = hf.get("peft_type", "?")

@@ -279,6 +279,32 @@ def hf_twin(model, method: str, task: Task, spec: str | None = None):
     elif method == "peanut":
         twin = peft.PeanutConfig(r=config.r, depth=config.depth, act_fn=config.act_fn, scaling=config.scaling,
                                  init_weights=config.init == "zeros", target_modules=modules, task_type=task_type)
+    elif method == "tinylora":
+        twin = peft.TinyLoraConfig(r=config.r, u=config.u, weight_tying=config.weight_tying,
+                                   projection_seed=config.projection_seed, save_projection=config.save_projection,
+                                   init_v_bound=config.init_v_bound, tinylora_dropout=config.dropout,
+                                   init_weights=True if config.init == "zeros" else "uniform",
+                                   target_modules=modules, task_type=task_type)
+    elif method == "supertuning":
+        twin = peft.SupertuningConfig(sparsity=config.sparsity, select_top=config.select_top, r=config.r,
+                                      lora_alpha=config.lora_alpha, lora_dropout=config.dropout,
+                                      init_weights=config.init == "zeros", save_precomputed_indices=config.save_indices,
+                                      target_modules=modules, task_type=task_type)
+    elif method == "adamss":
+        twin = peft.AdamssConfig(r=config.r, num_subspaces=config.num_subspaces, subspace_rank=config.subspace_rank,
+                                 random_seed=config.random_seed, use_dynamic_rank=config.use_dynamic_rank,
+                                 svd_threshold=config.svd_threshold,
+                                 init_weights="orthogonal" if config.init == "orthogonal" else None,
+                                 **{k: getattr(config, k) for k in ("use_asa", "asa_target_subspaces", "init_warmup",
+                                                                     "final_warmup", "mask_interval", "asa_importance_beta",
+                                                                     "asa_uncertainty_beta", "asa_schedule_exponent")},
+                                 target_modules=modules, task_type=task_type)
+    elif method == "hira":
+        twin = peft.HiraConfig(r=config.r, hira_dropout=config.dropout, rank_pattern=config.rank_pattern,
+                               init_weights={"default": True, "random": False}.get(config.init, config.init),
+                               target_modules=modules, task_type=task_type)
+    elif method == "cartridge":  # peft initialises it at random (peftlab's default); text init is a later step there
+        twin = peft.CartridgeConfig(num_virtual_tokens=config.length, num_frozen_tokens=config.frozen, task_type=task_type)
     elif method == "frod":
         twin = peft.FrodConfig(sparse_rate=config.sparse_rate, regularization_alpha=config.regularization_alpha,
                                projection_prng_key=config.projection_prng_key, save_projection=config.save_projection,

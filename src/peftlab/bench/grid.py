@@ -65,11 +65,17 @@ TWINS = (  # methods with an HF PEFT twin (bench/cell.py hf_twin), one a line
     "glora",
     "lily",
     "peanut",
+    "tinylora",
+    "supertuning",
+    "adamss",
+    "hira",
+    "cartridge",
     "frod",
     "psoft",
 )
 SKIPPED = {"fusion": "fuses adapters that must be trained first; benchmark it from trained adapters",
-           "trainable_tokens": "trains the rows of token ids it is given (new tokens); a task has no such ids by default"}
+           "trainable_tokens": "trains the rows of token ids it is given (new tokens); a task has no such ids by default",
+           "spot": "starts from a source task's trained prompt; benchmark it from trained source prompts"}
 CHOICES = ("quick", "full")
 
 

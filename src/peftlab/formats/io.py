@@ -26,9 +26,11 @@ from ..core.targets import named_base_modules
 from ..errors import AdapterFormatError, ConfigError, IncompatibleBaseError
 from ..quant import parameter_shape, quantization_record
 from . import hf_adalora, hf_lora, native
+from . import hf_adamss
 from . import hf_adaption_prompt
 from . import hf_beft
 from . import hf_c3a
+from . import hf_cartridge
 from . import hf_cpt
 from . import hf_deft
 from . import hf_delora
@@ -36,6 +38,7 @@ from . import hf_fourierft
 from . import hf_frod
 from . import hf_glora
 from . import hf_gralora
+from . import hf_hira
 from . import hf_hra
 from . import hf_ia3
 from . import hf_lily
@@ -53,6 +56,9 @@ from . import hf_pvera
 from . import hf_randlora
 from . import hf_road
 from . import hf_shira
+from . import hf_spot
+from . import hf_supertuning
+from . import hf_tinylora
 from . import hf_trainable_tokens
 from . import hf_unilora
 from . import hf_vblora
@@ -83,12 +89,14 @@ CONVERTERS = [
     hf_shira,
     hf_c3a,
     hf_hra,
+    hf_hira,
     hf_deft,
     hf_miss,
     hf_vblora,
     hf_randlora,
     hf_lily,
     hf_glora,
+    hf_adamss,
     hf_peanut,
     hf_frod,
     hf_psoft,
@@ -96,10 +104,14 @@ CONVERTERS = [
     hf_trainable_tokens,
     hf_multitask_prompt,
     hf_cpt,
+    hf_cartridge,
+    hf_spot,
     hf_beft,
     hf_osf,
     hf_pvera,
     hf_unilora,
+    hf_tinylora,
+    hf_supertuning,
     hf_prompt,
     hf_adaption_prompt,
 ]
