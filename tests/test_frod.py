@@ -239,6 +239,11 @@ def test_files_that_contradict_their_config_are_format_errors(tmp_path):
     save_file({k: v for k, v in tensors.items() if "frod_V" not in k}, tmp_path / "adapter_model.safetensors")
     with pytest.raises(peftlab.AdapterFormatError, match="incomplete"):
         peftlab.load(make_llama(), tmp_path)
+    broken = dict(tensors)
+    broken["base_model.frod_s_indices.self_attn_q_proj"] = broken["base_model.frod_s_indices.self_attn_q_proj"] + 40
+    save_file(broken, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(peftlab.AdapterFormatError, match="outside"):
+        peftlab.load(make_llama(), tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "bias": "all"}))
     with pytest.raises(peftlab.AdapterFormatError, match="bias"):
         peftlab.load(make_llama(), tmp_path)

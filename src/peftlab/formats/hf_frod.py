@@ -113,6 +113,10 @@ def from_hf(model: nn.Module, hf: dict, tensors: dict, name: str, source) -> Non
                     raise AdapterFormatError(f"{source}: {prefix + cat} is {tuple(value.shape)}, but sparse_rate="
                                              f"{config.sparse_rate} and the layers' widths imply {tuple(current.shape)}; "
                                              "the config and weights do not belong together")
+                n = owner.in_features
+                if buffer == "frod_s_indices" and value.numel() and not (0 <= int(value.min()) and int(value.max()) < n):
+                    raise AdapterFormatError(f"{source}: {prefix + cat} names places outside the layers' {n} x {n} "
+                                             "matrix; the file is corrupt")
                 current.copy_(value)
     for module_name, layer in layers:  # loading a layer's numbers recomputes its U from the (now loaded) basis
         values, adapter = per_module[module_name], layer.adapters[name]
