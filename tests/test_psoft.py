@@ -237,3 +237,13 @@ def test_files_that_contradict_their_config_are_format_errors(tmp_path):
         with pytest.raises(peftlab.AdapterFormatError, match=match):
             peftlab.load(fresh, tmp_path)
         assert not [m for m in fresh.modules() if isinstance(m, AdapterLayer)]
+
+
+def test_info_reads_a_psoft_file(tmp_path):
+    from peftlab.cli import adapter_info
+
+    model = peftlab.attach(make_llama(), "psoft[r=8,targets=[q_proj,down_proj]]")
+    peftlab.save(model, tmp_path)
+    info = adapter_info(tmp_path)
+    assert info["method"] == "psoft" and info["r"] == 8 and info["adapted_modules"] == 4
+    assert info["adapter_parameters"] == peftlab.summary(model)["adapters"]["default"] == 4 * (28 + 16)
