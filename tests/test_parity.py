@@ -36,7 +36,7 @@ OWN_FILES = {"PROMPT_TUNING": ("test_prompt_peft.py", "PromptTuningConfig"),
              "CPT": ("test_cpt.py", "CPTConfig"),
              "MULTITASK_PROMPT_TUNING": ("test_multitask_prompt.py", "MultitaskPromptTuningConfig")}
 # where a default fits no single PEFT file on the tiny model (a per-layer size PEFT's config holds once)
-TINY_SETTINGS = {"miss": "miss[r=16]", "road": "road[group_size=16]",
+TINY_SETTINGS = {"miss": "miss[r=16]", "road": "road[group_size=16]", "psoft": "psoft[r=16]",
                  "trainable_tokens": "trainable_tokens[token_indices=[3,17,40]]"}  # (no default ids)
 SHARED = [r for r in parity.type_rows({}) if r["files"]]
 WEIGHT_TYPES = [r for r in SHARED if r["hf"] not in OWN_FILES]

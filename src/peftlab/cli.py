@@ -780,6 +780,8 @@ ADAPTER_PREFIXES = (
     r"supertuning",
     r"adamss",
     r"hira",
+    r"frod_lambda",
+    r"psoft",
 )
 ADAPTER_TENSOR = re.compile(r"\.(?=(?:" + "|".join(ADAPTER_PREFIXES) + r")_)")
 # saved but never trained, one a line: VeRA's and RandLoRA's random pair (PEFT's RandLoRA saves it under every
@@ -800,6 +802,7 @@ SAVED_FROZEN = (
     "tinylora_P",
     "adamss_newB",
 )
+SAVED_FROZEN_PREFIXES = ("base_model.frod_V.",)  # saved once per module category (FRoD's shared bases), never trained
 INTEGER_DTYPES = ("I64", "I32", "I16", "I8", "U8", "BOOL")  # masks and positions, not trained numbers
 
 
@@ -828,6 +831,7 @@ def adapter_info(adapter) -> dict:
     other_params = sum(math.prod(t["shape"]) for n, t in tensors.items() if is_saved_module(n))
     adapter_params = sum(math.prod(t["shape"]) for n, t in tensors.items()  # integer tensors are positions (SHiRA's)
                          if not is_saved_module(n) and n.rsplit(".", 1)[-1] not in SAVED_FROZEN
+                         and not n.startswith(SAVED_FROZEN_PREFIXES)
                          and t["dtype"] not in INTEGER_DTYPES)
     size = sum(math.prod(t["shape"]) * SAFETENSORS_DTYPE_BYTES.get(t["dtype"], 4) for t in tensors.values())
     peft_type = hf.get("peft_type", "?")

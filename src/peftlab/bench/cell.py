@@ -305,6 +305,18 @@ def hf_twin(model, method: str, task: Task, spec: str | None = None):
                                target_modules=modules, task_type=task_type)
     elif method == "cartridge":  # peft initialises it at random (peftlab's default); text init is a later step there
         twin = peft.CartridgeConfig(num_virtual_tokens=config.length, num_frozen_tokens=config.frozen, task_type=task_type)
+    elif method == "frod":
+        twin = peft.FrodConfig(sparse_rate=config.sparse_rate, regularization_alpha=config.regularization_alpha,
+                               projection_prng_key=config.projection_prng_key, save_projection=config.save_projection,
+                               frod_dropout=config.dropout, progressbar=False, target_modules=modules, task_type=task_type)
+    elif method == "psoft":
+        twin = peft.PsoftConfig(r=config.r, psoft_alpha=config.alpha, psoft_dropout=config.dropout,
+                                ab_svd_init=f"{config.init}_init", psoft_svd=config.svd,
+                                psoft_svd_lowrank_niter=config.svd_niter, random_seed=config.random_seed,
+                                psoft_orth=config.orth, psoft_mag_a=config.mag_a, psoft_mag_b=config.mag_b,
+                                use_cayley_neumann=config.use_cayley_neumann,
+                                num_cayley_neumann_terms=config.num_cayley_neumann_terms,
+                                cayley_neumann_eps=config.cayley_neumann_eps, target_modules=modules, task_type=task_type)
     elif method == "ln_tuning":
         twin = peft.LNTuningConfig(target_modules=modules, task_type=task_type)
     elif method == "prompt":

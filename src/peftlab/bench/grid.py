@@ -70,6 +70,8 @@ TWINS = (  # methods with an HF PEFT twin (bench/cell.py hf_twin), one a line
     "adamss",
     "hira",
     "cartridge",
+    "frod",
+    "psoft",
 )
 SKIPPED = {"fusion": "fuses adapters that must be trained first; benchmark it from trained adapters",
            "mera": "merges bottleneck adapters that must be trained first; benchmark it from trained adapters",

@@ -35,6 +35,7 @@ from . import hf_cpt
 from . import hf_deft
 from . import hf_delora
 from . import hf_fourierft
+from . import hf_frod
 from . import hf_glora
 from . import hf_gralora
 from . import hf_hira
@@ -50,6 +51,7 @@ from . import hf_osf
 from . import hf_peanut
 from . import hf_poly
 from . import hf_prompt
+from . import hf_psoft
 from . import hf_pvera
 from . import hf_randlora
 from . import hf_road
@@ -96,6 +98,8 @@ CONVERTERS = [
     hf_glora,
     hf_adamss,
     hf_peanut,
+    hf_frod,
+    hf_psoft,
     hf_poly,
     hf_trainable_tokens,
     hf_multitask_prompt,
