@@ -59,7 +59,7 @@ HF_TYPES = {
     "ADAMSS": ("adamss", ""),
     "BEFT": ("beft", ""),
     "LILY": ("lily", ""),
-    "FROD": ("frod", "not yet: in progress (issue 16)"),
+    "FROD": ("frod", ""),
     "PVERA": ("pvera", ""),
     "GLORA": ("glora", ""),
     "UNILORA": ("unilora", ""),
@@ -67,7 +67,7 @@ HF_TYPES = {
     "OSF": ("osf", ""),
     "CARTRIDGE": ("cartridge", ""),
     "TINYLORA": ("tinylora", ""),
-    "PSOFT": ("psoft", "not yet: in progress (issue 16)"),
+    "PSOFT": ("psoft", ""),
     "PEANUT": ("peanut", ""),
     "SHADOW": ("shadow", "not yet: a second, smaller transformer (built from the base's config) runs beside the "
                           "frozen one, its state injected into and updated from every block; it needs a "
