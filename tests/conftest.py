@@ -238,3 +238,21 @@ def peft_adapter_file(factory, config_class, config_kwargs: dict, folder, ids, r
         theirs.save_pretrained(str(folder))
     assert not torch.allclose(expected, logits(factory(), ids), atol=matters_atol), "the adapter should matter"
     return expected
+
+
+def assert_config_edit_is_a_format_error(folder, config: dict, edit: dict, match: str, error=None, factory=None) -> None:
+    """Rewrites ``folder``'s adapter_config.json as ``config`` updated by ``edit``; loading it with
+    peftlab onto a fresh ``factory()`` (``make_llama`` by default) raises ``error``
+    (``peftlab.AdapterFormatError`` by default) matching ``match``, and leaves that model without
+    adapter layers."""
+    import json
+    from pathlib import Path
+
+    import peftlab
+    from peftlab.core.layer import AdapterLayer
+
+    (Path(folder) / "adapter_config.json").write_text(json.dumps({**config, **edit}))
+    fresh = (factory or make_llama)()
+    with pytest.raises(error or peftlab.AdapterFormatError, match=match):
+        peftlab.load(fresh, folder)
+    assert not [m for m in fresh.modules() if isinstance(m, AdapterLayer)]
