@@ -11,8 +11,9 @@ import peft
 import pytest
 import torch
 from conftest import (
-    assert_peft_adapter_loads_and_goes_back, assert_peftlab_file_loads_in_peft, logits, make_bert, make_gpt2,
-    make_llama, peft_adapter_file,
+    assert_config_edit_is_a_format_error, assert_peft_adapter_loads_and_goes_back,
+    assert_peftlab_file_loads_in_peft, logits, make_bert, make_gpt2, make_llama, peft_adapter_file,
+    read_adapter_config,
 )
 
 import peftlab
@@ -260,18 +261,10 @@ def test_peft_hra_loads_in_peftlab(label, factory, kwargs, ids, tmp_path):
 
 def test_tensors_that_contradict_the_config_are_a_format_error(tmp_path):
     peftlab.save(peftlab.attach(make_llama(), "hra[r=4]"), tmp_path)
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "r": 6}))
-    fresh = make_llama()
-    with pytest.raises(peftlab.AdapterFormatError, match="do not belong together"):
-        peftlab.load(fresh, tmp_path)
-    assert not [m for m in fresh.modules() if isinstance(m, AdapterLayer)]
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "r": 0}))
-    with pytest.raises(peftlab.AdapterFormatError, match="invalid values.*r"):
-        peftlab.load(make_llama(), tmp_path)
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "bias": "hra_only"}))
-    with pytest.raises(peftlab.AdapterFormatError, match="bias"):
-        peftlab.load(make_llama(), tmp_path)
+    config = read_adapter_config(tmp_path)
+    assert_config_edit_is_a_format_error(tmp_path, config, {"r": 6}, "do not belong together")
+    assert_config_edit_is_a_format_error(tmp_path, config, {"r": 0}, "invalid values.*r")
+    assert_config_edit_is_a_format_error(tmp_path, config, {"bias": "hra_only"}, "bias")
     with pytest.raises(peftlab.IncompatibleBaseError, match="another base model"):
         (tmp_path / "adapter_config.json").write_text(json.dumps(config))
         peftlab.load(make_bert(), tmp_path)
