@@ -9,8 +9,8 @@ import peft
 import pytest
 import torch
 from conftest import (
-    assert_peft_adapter_loads_and_goes_back, assert_peftlab_file_loads_in_peft, peft_adapter_file, logits, make_bert, make_gpt2,
-    make_llama,
+    assert_peft_adapter_loads_and_goes_back, assert_peftlab_file_loads_in_peft, logits, make_bert, make_gpt2,
+    make_llama, peft_adapter_file, read_adapter_config,
 )
 from safetensors.torch import load_file, save_file
 
@@ -207,7 +207,7 @@ def test_peft_c3a_loads_in_peftlab(label, factory, kwargs, ids, tmp_path):
 
 def test_bad_files_are_clear_errors(tmp_path):
     peftlab.save(peftlab.attach(make_llama(), "c3a[block_size=8,targets=[q_proj]]"), tmp_path)
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config = read_adapter_config(tmp_path)
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     key = f"base_model.model.{Q0}.c3a_kernel"
 
