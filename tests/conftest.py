@@ -240,7 +240,8 @@ def peft_adapter_file(factory, config_class, config_kwargs: dict, folder, ids, r
     return expected
 
 
-def assert_config_edit_is_a_format_error(folder, config: dict, edit: dict, match: str, error=None, factory=None) -> None:
+def assert_config_edit_is_a_format_error(folder, config: dict, edit: dict, match: str, error=None,
+                                         factory=None) -> None:
     """Rewrites ``folder``'s adapter_config.json as ``config`` updated by ``edit``; loading it with
     peftlab onto a fresh ``factory()`` (``make_llama`` by default) raises ``error``
     (``peftlab.AdapterFormatError`` by default) matching ``match``, and leaves that model without

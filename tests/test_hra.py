@@ -252,7 +252,8 @@ PEFTS = [
 
 @pytest.mark.parametrize("label,factory,kwargs", PEFTS, ids=[c[0] for c in PEFTS])
 def test_peft_hra_loads_in_peftlab(label, factory, kwargs, ids, tmp_path):
-    expected = peft_adapter_file(factory, peft.HRAConfig, kwargs, tmp_path, ids, randomize=randomize)  # peft warns about an odd r
+    # peft warns about an odd r (peft_adapter_file silences it)
+    expected = peft_adapter_file(factory, peft.HRAConfig, kwargs, tmp_path, ids, randomize=randomize)
     assert_peft_adapter_loads_and_goes_back(factory, tmp_path, ids, expected)
     ours = peftlab.load(factory(), tmp_path)
     symmetric = not kwargs.get("apply_GS") and kwargs.get("r", 8) % 2 == 0

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import (
     HIDDEN, VOCAB, assert_peft_adapter_loads_and_goes_back, assert_peftlab_file_loads_in_peft,
-    peft_adapter_file, logits, make_bert, make_llama,
+    logits, make_bert, make_llama, peft_adapter_file,
 )
 
 import peftlab

@@ -279,7 +279,8 @@ def test_a_missing_bank_or_bias_training_is_a_format_error(tmp_path):
 def test_tensors_that_contradict_the_config_are_clear_errors(tmp_path, change, error):
     peftlab.save(peftlab.attach(make_llama(), "vblora[num_vectors=8]"), tmp_path)
     config = read_adapter_config(tmp_path)
-    assert_config_edit_is_a_format_error(tmp_path, config, change, "do not belong together|does not divide", error=error)
+    assert_config_edit_is_a_format_error(tmp_path, config, change, "do not belong together|does not divide",
+                                         error=error)
 
 
 def test_peftlab_info_reads_the_file(tmp_path):
