@@ -3,14 +3,14 @@ norms (||delta W|| <= lambda ||W||), merging, and HF PEFT's DELORA format checke
 ``peft`` package both ways."""
 from __future__ import annotations
 
-import json
 
 import peft
 import pytest
 import torch
 from conftest import (
-    assert_peft_adapter_loads_and_goes_back, assert_peftlab_file_loads_in_peft, logits, make_bert, make_gpt2,
-    make_llama, peft_adapter_file, read_adapter_config,
+    assert_config_edit_is_a_format_error, assert_peft_adapter_loads_and_goes_back,
+    assert_peftlab_file_loads_in_peft, logits, make_bert, make_gpt2, make_llama, peft_adapter_file,
+    read_adapter_config,
 )
 
 import peftlab
@@ -229,11 +229,7 @@ def test_bad_files_are_format_errors(tmp_path):
     peftlab.save(peftlab.attach(make_llama(), "delora[r=4]"), tmp_path)
     config = read_adapter_config(tmp_path)
     for bad, match in (({"r": 2}, "do not belong together"), ({"bias": "all"}, "bias"), ({"r": 0}, "invalid values")):
-        (tmp_path / "adapter_config.json").write_text(json.dumps({**config, **bad}))
-        fresh = make_llama()
-        with pytest.raises(peftlab.AdapterFormatError, match=match):
-            peftlab.load(fresh, tmp_path)
-        assert not [m for m in fresh.modules() if isinstance(m, AdapterLayer)]
+        assert_config_edit_is_a_format_error(tmp_path, config, bad, match)
 
 
 def test_peftlab_info_reads_the_file(tmp_path):
