@@ -3,15 +3,15 @@ sampled by reparameterisation in training and taken at its mean in evaluation (a
 HF PEFT's PVERA format checked against the real ``peft`` package both ways."""
 from __future__ import annotations
 
-import json
 import warnings
 
 import peft
 import pytest
 import torch
 from conftest import (
-    assert_peft_adapter_loads_and_goes_back, assert_peftlab_file_loads_in_peft, logits, make_bert, make_gpt2,
-    make_llama, peft_adapter_file, read_adapter_config,
+    assert_config_edit_is_a_format_error, assert_peft_adapter_loads_and_goes_back,
+    assert_peftlab_file_loads_in_peft, logits, make_bert, make_gpt2, make_llama, peft_adapter_file,
+    read_adapter_config,
 )
 
 import peftlab
@@ -227,14 +227,6 @@ def test_peft_pvera_loads_in_peftlab(label, factory, kwargs, ids, tmp_path):
 def test_bad_files_are_format_errors(tmp_path):
     peftlab.save(randomize(peftlab.attach(make_llama(), "pvera[r=4,save_projection=false]")), tmp_path)
     config = read_adapter_config(tmp_path)
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "save_projection": True}))
-    fresh = make_llama()
-    with pytest.raises(peftlab.AdapterFormatError, match="lacks base_model.pvera_A"):
-        peftlab.load(fresh, tmp_path)
-    assert not [m for m in fresh.modules() if isinstance(m, AdapterLayer)]
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "bias": "pvera_only"}))
-    with pytest.raises(peftlab.AdapterFormatError, match="bias"):
-        peftlab.load(make_llama(), tmp_path)
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
-    with pytest.raises(peftlab.AdapterFormatError, match="do not belong together"):
-        peftlab.load(make_llama(), tmp_path)
+    assert_config_edit_is_a_format_error(tmp_path, config, {"save_projection": True}, "lacks base_model.pvera_A")
+    assert_config_edit_is_a_format_error(tmp_path, config, {"bias": "pvera_only"}, "bias")
+    assert_config_edit_is_a_format_error(tmp_path, config, {"r": 8}, "do not belong together")
