@@ -3,15 +3,15 @@ merging as R W, routing per row, and HF PEFT's ROAD format checked against the r
 package both ways (mixed-adapter batches included)."""
 from __future__ import annotations
 
-import json
 import warnings
 
 import peft
 import pytest
 import torch
 from conftest import (
-    assert_peft_adapter_loads_and_goes_back, assert_peftlab_file_loads_in_peft, logits, make_bert, make_gpt2,
-    make_llama, peft_adapter_file, read_adapter_config,
+    assert_config_edit_is_a_format_error, assert_peft_adapter_loads_and_goes_back,
+    assert_peftlab_file_loads_in_peft, logits, make_bert, make_gpt2, make_llama, peft_adapter_file,
+    read_adapter_config,
 )
 
 import peftlab
@@ -278,11 +278,7 @@ def test_bad_files_are_format_errors(tmp_path):
     config = read_adapter_config(tmp_path)
     for bad, match in (({"variant": "road_2"}, "do not belong together"), ({"group_size": 5}, "group_size"),
                        ({"group_size": 64}, "does not divide")):
-        (tmp_path / "adapter_config.json").write_text(json.dumps({**config, **bad}))
-        fresh = make_llama()
-        with pytest.raises(peftlab.AdapterFormatError, match=match):
-            peftlab.load(fresh, tmp_path)
-        assert not [m for m in fresh.modules() if isinstance(m, AdapterLayer)]
+        assert_config_edit_is_a_format_error(tmp_path, config, bad, match)
 
 
 def test_peftlab_info_reads_the_file(tmp_path):
