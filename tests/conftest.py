@@ -176,12 +176,84 @@ def peft_logits(factory, folder, ids):
     return logits(model, ids)
 
 
-def assert_peft_adapter_loads_and_goes_back(factory, folder, ids, expected):
+def assert_peft_adapter_loads_and_goes_back(factory, folder, ids, expected, quiet: bool = False):
     """The HF PEFT adapter in ``folder`` gives ``expected`` in peftlab, and peftlab's save of it
-    gives ``expected`` in HF PEFT again."""
+    gives ``expected`` in HF PEFT again. ``quiet`` silences warnings (peft warns, for one, when it
+    regenerates a frozen projection from its key)."""
+    import warnings
+
     import peftlab
 
-    ours = peftlab.load(factory(), folder)
-    torch.testing.assert_close(logits(ours, ids), expected, rtol=0, atol=1e-5)
-    peftlab.save(ours, folder / "again")
-    torch.testing.assert_close(peft_logits(factory, folder / "again", ids), expected, rtol=0, atol=1e-5)
+    with warnings.catch_warnings():
+        if quiet:
+            warnings.simplefilter("ignore")
+        ours = peftlab.load(factory(), folder)
+        torch.testing.assert_close(logits(ours, ids), expected, rtol=0, atol=1e-5)
+        peftlab.save(ours, folder / "again")
+        torch.testing.assert_close(peft_logits(factory, folder / "again", ids), expected, rtol=0, atol=1e-5)
+
+
+def read_adapter_config(folder) -> dict:
+    """The ``adapter_config.json`` in ``folder``, parsed."""
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(folder) / "adapter_config.json").read_text())
+
+
+def assert_peftlab_file_loads_in_peft(model, factory, ids, folder, peft_type: str, matters_atol: float = 1e-3) -> dict:
+    """peftlab's half of an HF PEFT twin test. ``model`` is ``factory()`` with a peftlab adapter
+    attached (and randomized by the caller): its logits differ from the bare ``factory()``'s (beyond
+    ``matters_atol``), peftlab saves it to ``folder`` with ``peft_type`` in adapter_config.json, and
+    HF PEFT loading that file on ``factory()`` gives the same logits (atol 1e-5). Returns the saved
+    adapter_config for the method's own checks."""
+    import peftlab
+
+    expected = logits(model, ids)
+    assert not torch.allclose(expected, logits(factory(), ids), atol=matters_atol), "the adapter should matter"
+    peftlab.save(model, folder)
+    config = read_adapter_config(folder)
+    assert config["peft_type"] == peft_type
+    torch.testing.assert_close(peft_logits(factory, folder, ids), expected, rtol=0, atol=1e-5)
+    return config
+
+
+def peft_adapter_file(factory, config_class, config_kwargs: dict, folder, ids, randomize=None, seed: int = 3,
+                      matters_atol: float = 1e-3, **randomize_kwargs) -> torch.Tensor:
+    """HF PEFT's half of a twin test: builds ``peft.get_peft_model(factory(), config_class(**config_kwargs))``
+    in eval mode with warnings silenced, calls ``randomize(model, seed=seed, **randomize_kwargs)`` when
+    ``randomize`` is given, takes its logits, saves it to ``folder`` with ``save_pretrained``, and
+    asserts the adapter matters (logits differ from the bare ``factory()``'s beyond ``matters_atol``).
+    Returns those logits: what peftlab must give when it loads ``folder``."""
+    import warnings
+
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(factory(), config_class(**config_kwargs)).eval()
+        if randomize is not None:
+            randomize(theirs, seed=seed, **randomize_kwargs)
+        expected = logits(theirs, ids)
+        theirs.save_pretrained(str(folder))
+    assert not torch.allclose(expected, logits(factory(), ids), atol=matters_atol), "the adapter should matter"
+    return expected
+
+
+def assert_config_edit_is_a_format_error(folder, config: dict, edit: dict, match: str, error=None,
+                                         factory=None) -> None:
+    """Rewrites ``folder``'s adapter_config.json as ``config`` updated by ``edit``; loading it with
+    peftlab onto a fresh ``factory()`` (``make_llama`` by default) raises ``error``
+    (``peftlab.AdapterFormatError`` by default) matching ``match``, and leaves that model without
+    adapter layers."""
+    import json
+    from pathlib import Path
+
+    import peftlab
+    from peftlab.core.layer import AdapterLayer
+
+    (Path(folder) / "adapter_config.json").write_text(json.dumps({**config, **edit}))
+    fresh = (factory or make_llama)()
+    with pytest.raises(error or peftlab.AdapterFormatError, match=match):
+        peftlab.load(fresh, folder)
+    assert not [m for m in fresh.modules() if isinstance(m, AdapterLayer)]

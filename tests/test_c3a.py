@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 
 import peft
 import pytest
 import torch
-from conftest import assert_peft_adapter_loads_and_goes_back, logits, make_bert, make_gpt2, make_llama, peft_logits
+from conftest import (
+    assert_peft_adapter_loads_and_goes_back, assert_peftlab_file_loads_in_peft, logits, make_bert, make_gpt2,
+    make_llama, peft_adapter_file, read_adapter_config,
+)
 from safetensors.torch import load_file, save_file
 
 import peftlab
@@ -173,15 +175,10 @@ OURS = [
 @pytest.mark.parametrize("label,factory,spec", OURS, ids=[c[0] for c in OURS])
 def test_peftlab_c3a_loads_in_peft(label, factory, spec, ids, tmp_path):
     model = randomize(peftlab.attach(factory(), spec), std=0.5)
-    expected = logits(model, ids)
-    assert not torch.allclose(expected, logits(factory(), ids), atol=1e-3), "the adapter should matter"
-    peftlab.save(model, tmp_path)
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert config["peft_type"] == "C3A"
+    config = assert_peftlab_file_loads_in_peft(model, factory, ids, tmp_path, "C3A")
     if label == "llama-defaults-rounded":  # k and v (16 wide) are written as PEFT patterns
         assert config["block_size"] == 32 and config["init_weights"] is True
         assert set(config["block_size_pattern"].values()) == {16} and K0 in config["block_size_pattern"]
-    torch.testing.assert_close(peft_logits(factory, tmp_path, ids), expected, rtol=0, atol=1e-5)
 
 
 PEFTS = [
@@ -196,14 +193,12 @@ PEFTS = [
 
 @pytest.mark.parametrize("label,factory,kwargs", PEFTS, ids=[c[0] for c in PEFTS])
 def test_peft_c3a_loads_in_peftlab(label, factory, kwargs, ids, tmp_path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(factory(), peft.C3AConfig(**kwargs)).eval()
-        if label != "llama-default-init":  # PEFT's own xavier_uniform init already moves the model
-            randomize(theirs, seed=3, std=4.0 if factory is make_bert else 0.5)  # the tiny BERT's logits are small
-        expected = logits(theirs, ids)
-        theirs.save_pretrained(str(tmp_path))
-    assert not torch.allclose(expected, logits(factory(), ids), atol=1e-3), "the adapter should matter"
+    expected = peft_adapter_file(
+        factory, peft.C3AConfig, kwargs, tmp_path, ids,
+        # PEFT's own xavier_uniform init already moves the model
+        randomize=None if label == "llama-default-init" else randomize,
+        std=4.0 if factory is make_bert else 0.5,  # the tiny BERT's logits are small
+    )
     assert_peft_adapter_loads_and_goes_back(factory, tmp_path, ids, expected)
     if label == "llama-patterns":
         ours = peftlab.load(make_llama(), tmp_path)
@@ -212,7 +207,7 @@ def test_peft_c3a_loads_in_peftlab(label, factory, kwargs, ids, tmp_path):
 
 def test_bad_files_are_clear_errors(tmp_path):
     peftlab.save(peftlab.attach(make_llama(), "c3a[block_size=8,targets=[q_proj]]"), tmp_path)
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    config = read_adapter_config(tmp_path)
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     key = f"base_model.model.{Q0}.c3a_kernel"
 

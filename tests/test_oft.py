@@ -4,13 +4,15 @@ rules (PEFT's default 32 with its nearest-divisor fallback, clear errors for exp
 HF PEFT's OFT format checked against the real ``peft`` package both ways."""
 from __future__ import annotations
 
-import json
-import warnings
 
 import peft
 import pytest
 import torch
-from conftest import assert_peft_adapter_loads_and_goes_back, logits, make_bert, make_gpt2, make_llama, peft_logits
+from conftest import (
+    assert_config_edit_is_a_format_error, assert_peft_adapter_loads_and_goes_back,
+    assert_peftlab_file_loads_in_peft, logits, make_bert, make_gpt2, make_llama, peft_adapter_file,
+    read_adapter_config,
+)
 
 import peftlab
 from peftlab.core import adapters as core
@@ -220,12 +222,8 @@ OURS = [
 @pytest.mark.parametrize("label,factory,spec", OURS, ids=[c[0] for c in OURS])
 def test_peftlab_oft_loads_in_peft(label, factory, spec, ids, tmp_path):
     model = randomize(peftlab.attach(factory(), spec))
-    expected = logits(model, ids)
-    assert not torch.allclose(expected, logits(factory(), ids), atol=1e-3), "the adapter should matter"
-    peftlab.save(model, tmp_path)
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert config["peft_type"] == "OFT" and bool(config["r"]) != bool(config["oft_block_size"])
-    torch.testing.assert_close(peft_logits(factory, tmp_path, ids), expected, rtol=0, atol=1e-5)
+    config = assert_peftlab_file_loads_in_peft(model, factory, ids, tmp_path, "OFT")
+    assert bool(config["r"]) != bool(config["oft_block_size"])
 
 
 PEFTS = [
@@ -242,28 +240,14 @@ PEFTS = [
 
 @pytest.mark.parametrize("label,factory,kwargs", PEFTS, ids=[c[0] for c in PEFTS])
 def test_peft_oft_loads_in_peftlab(label, factory, kwargs, ids, tmp_path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = randomize(peft.get_peft_model(factory(), peft.OFTConfig(**kwargs)).eval(), seed=3, std=0.3)
-        expected = logits(theirs, ids)
-        theirs.save_pretrained(str(tmp_path))
-    assert not torch.allclose(expected, logits(factory(), ids), atol=1e-3), "the adapter should matter"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # peft warns when it adjusts a block size
-        assert_peft_adapter_loads_and_goes_back(factory, tmp_path, ids, expected)
+    expected = peft_adapter_file(factory, peft.OFTConfig, kwargs, tmp_path, ids, randomize=randomize, std=0.3)
+    # peft warns when it adjusts a block size
+    assert_peft_adapter_loads_and_goes_back(factory, tmp_path, ids, expected, quiet=True)
 
 
 def test_tensors_that_contradict_the_config_are_a_format_error(tmp_path):
     peftlab.save(peftlab.attach(make_llama(), "oft[block_size=8]"), tmp_path)
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "oft_block_size": 16}))
-    fresh = make_llama()
-    with pytest.raises(peftlab.AdapterFormatError, match="do not belong together"):
-        peftlab.load(fresh, tmp_path)
-    assert not [m for m in fresh.modules() if isinstance(m, AdapterLayer)]
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "oft_block_size": 12}))
-    with pytest.raises(peftlab.AdapterFormatError, match="block_size=12 does not divide"):
-        peftlab.load(make_llama(), tmp_path)
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "bias": "oft_only"}))
-    with pytest.raises(peftlab.AdapterFormatError, match="bias"):
-        peftlab.load(make_llama(), tmp_path)
+    config = read_adapter_config(tmp_path)
+    assert_config_edit_is_a_format_error(tmp_path, config, {"oft_block_size": 16}, "do not belong together")
+    assert_config_edit_is_a_format_error(tmp_path, config, {"oft_block_size": 12}, "block_size=12 does not divide")
+    assert_config_edit_is_a_format_error(tmp_path, config, {"bias": "oft_only"}, "bias")

@@ -3,13 +3,15 @@ modules; after training and merging, only those parameters of the base differ fr
 LN tuning reads and writes HF PEFT's LN_TUNING format, checked against the real ``peft`` both ways."""
 from __future__ import annotations
 
-import warnings
 from functools import partial
 
 import peft
 import pytest
 import torch
-from conftest import HIDDEN, VOCAB, assert_peft_adapter_loads_and_goes_back, logits, make_bert, make_llama, peft_logits
+from conftest import (
+    HIDDEN, VOCAB, assert_peft_adapter_loads_and_goes_back, assert_peftlab_file_loads_in_peft,
+    logits, make_bert, make_llama, peft_adapter_file,
+)
 
 import peftlab
 from peftlab.core.layer import AdapterLayer
@@ -115,22 +117,15 @@ def _move(model, words=("ln_tuning", "adapters."), seed=0):
                          ids=["llama", "bert", "llama-one-norm"])
 def test_peftlab_ln_tuning_loads_in_peft(factory, spec, ids, tmp_path):
     model = _move(peftlab.attach(factory(), spec))
-    expected = logits(model, ids)
-    assert not torch.allclose(expected, logits(factory(), ids), atol=1e-3), "the adapter should matter"
-    peftlab.save(model, tmp_path)
-    torch.testing.assert_close(peft_logits(factory, tmp_path, ids), expected, rtol=0, atol=1e-5)
+    assert_peftlab_file_loads_in_peft(model, factory, ids, tmp_path, "LN_TUNING")
 
 
 @pytest.mark.parametrize("factory,kwargs", [(make_llama, dict(task_type="CAUSAL_LM")),
                                             (make_bert, dict(task_type="SEQ_CLS", target_modules=["LayerNorm"]))],
                          ids=["llama-defaults", "bert"])
 def test_peft_ln_tuning_loads_in_peftlab(factory, kwargs, ids, tmp_path):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = _move(peft.get_peft_model(factory(), peft.LNTuningConfig(**kwargs)).eval(), words=("ln_tuning",))
-        expected = logits(theirs, ids)
-        theirs.save_pretrained(str(tmp_path))
-    assert not torch.allclose(expected, logits(factory(), ids), atol=1e-3), "the adapter should matter"
+    expected = peft_adapter_file(factory, peft.LNTuningConfig, kwargs, tmp_path, ids, randomize=_move, seed=0,
+                                 words=("ln_tuning",))
     assert_peft_adapter_loads_and_goes_back(factory, tmp_path, ids, expected)
 
 

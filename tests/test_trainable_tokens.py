@@ -3,13 +3,15 @@ k x dim trained numbers, a tied head reads the same rows; HF PEFT's TRAINABLE_TO
 against the real ``peft`` package both ways (untied and tied embeddings, a BERT with a head)."""
 from __future__ import annotations
 
-import json
 import warnings
 
 import peft
 import pytest
 import torch
-from conftest import assert_peft_adapter_loads_and_goes_back, logits, make_bert, make_llama, peft_logits
+from conftest import (
+    assert_config_edit_is_a_format_error, assert_peft_adapter_loads_and_goes_back, assert_peftlab_file_loads_in_peft,
+    logits, make_bert, make_llama, peft_adapter_file, read_adapter_config,
+)
 
 import peftlab
 from peftlab.core.layer import AdapterLayer
@@ -188,13 +190,9 @@ def test_peftlab_trainable_tokens_load_in_peft(label, factory, spec, ids, tmp_pa
     if label == "bert-head":
         with torch.no_grad():
             model.classifier.weight.add_(0.5)
-    expected = logits(model, ids)
-    assert not torch.allclose(expected, logits(factory(), ids), atol=1e-3), "the adapter should matter"
-    peftlab.save(model, tmp_path)
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert config["peft_type"] == "TRAINABLE_TOKENS" and config["token_indices"] == TOKENS
+    config = assert_peftlab_file_loads_in_peft(model, factory, ids, tmp_path, "TRAINABLE_TOKENS")
+    assert config["token_indices"] == TOKENS
     assert config["init_weights"] is True and config["target_modules"] in ("model.embed_tokens", "bert.embeddings.word_embeddings")
-    torch.testing.assert_close(peft_logits(factory, tmp_path, ids), expected, rtol=0, atol=1e-5)
 
 
 PEFTS = [("llama", make_llama, dict(token_indices=[4, 9, 33, 50])),
@@ -206,26 +204,16 @@ PEFTS = [("llama", make_llama, dict(token_indices=[4, 9, 33, 50])),
 def test_peft_trainable_tokens_load_in_peftlab(label, factory, kwargs, ids, tmp_path):
     ids = ids.clone()
     ids[:, 1] = kwargs["token_indices"][0]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        theirs = randomize(peft.get_peft_model(factory(), peft.TrainableTokensConfig(**kwargs)).eval(), seed=3)
-        expected = logits(theirs, ids)
-        theirs.save_pretrained(str(tmp_path))
-    assert not torch.allclose(expected, logits(factory(), ids), atol=1e-5), "the adapter should matter"
+    expected = peft_adapter_file(factory, peft.TrainableTokensConfig, kwargs, tmp_path, ids, randomize=randomize,
+                                 matters_atol=1e-5)
     assert_peft_adapter_loads_and_goes_back(factory, tmp_path, ids, expected)
 
 
 def test_rows_that_contradict_the_config_are_a_format_error(tmp_path):
     peftlab.save(peftlab.attach(make_llama(), SPEC), tmp_path)
-    config = json.loads((tmp_path / "adapter_config.json").read_text())
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "token_indices": [3, 4]}))
-    fresh = make_llama()
-    with pytest.raises(peftlab.AdapterFormatError, match="do not belong together"):
-        peftlab.load(fresh, tmp_path)
-    assert not [m for m in fresh.modules() if isinstance(m, AdapterLayer)]
-    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "token_indices": []}))
-    with pytest.raises(peftlab.AdapterFormatError, match="token_indices"):
-        peftlab.load(make_llama(), tmp_path)
+    config = read_adapter_config(tmp_path)
+    assert_config_edit_is_a_format_error(tmp_path, config, {"token_indices": [3, 4]}, "do not belong together")
+    assert_config_edit_is_a_format_error(tmp_path, config, {"token_indices": []}, "token_indices")
 
 
 @pytest.mark.parametrize("factory", [make_llama, tied_llama], ids=["untied", "tied"])
