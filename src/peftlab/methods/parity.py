@@ -87,7 +87,8 @@ SURVEY = {
     "InfoPrompt": ("infoprompt", "Wu et al., 2023 (arXiv:2306.04933)",
                    "not yet: only the abstract was readable here, not the two mutual-information estimators "
                    "(critic, negatives, weights) that define it"),
-    "SPT": ("spt", "Zhu & Tan, 2023 (EMNLP 2023)", "not yet: learned per-layer prompt-insertion gates; not started"),
+    "SPT": ("spt", "Zhu & Tan, 2023 (EMNLP 2023)", "not yet: learned gates choosing the layers a prompt is "
+            "inserted at; neither the paper's text nor its code was readable here, only its title"),
     "MEFT": ("meft", "Liao et al., 2023 (arXiv:2306.00477)", ""),
 }
 
