@@ -250,6 +250,21 @@ class FrodLinear(MergesDelta, nn.Module):
         z = z * (self.frod_lambda_l - self.lambda_0) + z @ self._s().T
         return F.linear(z, self.frod_U).to(x.dtype)
 
+    def fused_forward(self, base: nn.Module, x):
+        """While training, the whole layer in PEFT's form ``U (S + diag(lambda)) V^T x + b``: since
+        ``U diag(lambda_0) V^T = W`` (up to float32 round-off), the frozen base's own matmul can be
+        skipped, which saves one of the step's three (out x in)-sized products (the SST-2 step went
+        from 1.16x PEFT's to below it, ``benchmarks/twin_step.py``). Evaluation, merges and
+        gradient-free training keep the exact ``W x + delta`` form. None where it does not apply."""
+        if (type(base) is not nn.Linear or not isinstance(self.dropout, nn.Identity)
+                or not (torch.is_grad_enabled() and self.frod_lambda_l.requires_grad)):
+            return None
+        V = self.projection()[0]
+        z = x.to(V.dtype) @ V
+        z = z * self.frod_lambda_l + z @ self._s().T
+        bias = None if base.bias is None else base.bias.to(z.dtype)
+        return F.linear(z, self.frod_U, bias).to(x.dtype)
+
 
 # ---- method protocol -------------------------------------------------------------------------
 

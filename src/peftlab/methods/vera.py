@@ -157,6 +157,11 @@ class VeraLinear(MergesDelta, nn.Module):
         """The whole layer through LoRA's fused kernel with ``(diag(d) A, diag(b) B)``; None where it does not apply."""
         if type(base) is not nn.Linear or not isinstance(self.dropout, nn.Identity) or x.dtype != self.vera_lambda_d.dtype:
             return None
+        if torch.is_grad_enabled() and self.vera_lambda_d.requires_grad:
+            # training: the fused kernel would compute full (r x in) and (out x r) gradients of the scaled
+            # pair only to reduce them to d and b; the plain forward gives d and b theirs directly (with
+            # VeRA's large r that saved a fifth of the SST-2 step, benchmarks/twin_step.py)
+            return None
         A2, B2 = scaled_pair(*self._sliced(), self.vera_lambda_d, self.vera_lambda_b)
         return _FusedLoraLinear.apply(x, base.weight, base.bias, A2, B2, 1.0)
 
