@@ -45,20 +45,27 @@ def refuse_base_training(hf: dict, method: str) -> None:
                                  "adapts nn.Linear layers only")
 
 
-def module_tensors(tensors: dict, keys, source, method: str, skip=()) -> dict:
+def module_tensors(tensors: dict, keys, source, method: str, skip=(), local=None) -> dict:
     """``{module path: {local name: tensor}}`` of the tensors whose last name part is one of
-    ``keys`` (``base_model.model.<module path>.<local name>``); keys in ``skip`` (an adapter's
-    shared tensors) are passed over, any other key outside PEFT's prefix is an error, and a file
-    with none of ``keys`` is refused, naming ``method``."""
+    ``keys`` (``base_model.model.<module path>.<local name>``), or, for local names with dots in
+    them (``peanut_encoders.0.weight``), whose end matches the regex ``local`` (group 1 the local
+    name; ``keys`` then only describe them in the error). Keys in ``skip`` (an adapter's shared
+    tensors) are passed over, any other key outside PEFT's prefix is an error, and a file with
+    none of them is refused, naming ``method``."""
     per_module: dict = {}
     for key, value in tensors.items():
         if key in skip:
             continue
         if not key.startswith(PREFIX):
             raise AdapterFormatError(f"{source}: unexpected tensor name {key!r}: keys should start with {PREFIX!r}")
-        module_name, _, local = key[len(PREFIX):].rpartition(".")
-        if local in keys:
-            per_module.setdefault(module_name, {})[local] = value
+        if local is not None:
+            found = local.search(key)
+            if found:
+                per_module.setdefault(key[len(PREFIX):found.start()], {})[found.group(1)] = value
+            continue
+        module_name, _, name = key[len(PREFIX):].rpartition(".")
+        if name in keys:
+            per_module.setdefault(module_name, {})[name] = value
     if not per_module:
         raise AdapterFormatError(f"{source}: the weights file holds no {method} tensors (keys ending in "
                                  f"{' or '.join(keys)})")

@@ -20,7 +20,7 @@ from ..core.state import require_state
 from ..core.targets import named_base_modules
 from ..errors import AdapterFormatError, ConfigError
 from ..methods.peanut import PeanutConfig
-from .hf_common import PREFIX, linear_modules, present_modules_to_save, target_names
+from .hf_common import PREFIX, linear_modules, module_tensors, present_modules_to_save, target_names
 
 PEFT_TYPES = ("PEANUT",)
 LOCAL = re.compile(r"\.(peanut_(?:A|B|encoders\.\d+|decoders\.\d+)\.weight)$")
@@ -72,25 +72,11 @@ def config_from_hf(hf: dict, modules: list) -> PeanutConfig:
     return config
 
 
-def module_tensors(tensors: dict, source) -> dict:
-    """``{module path: {local name: tensor}}``; a key outside PEFT's prefix is an error, and a file
-    with no PEANuT tensors is refused."""
-    per_module: dict = {}
-    for key, value in tensors.items():
-        if not key.startswith(PREFIX):
-            raise AdapterFormatError(f"{source}: unexpected tensor name {key!r}: keys should start with {PREFIX!r}")
-        found = LOCAL.search(key)
-        if found:
-            per_module.setdefault(key[len(PREFIX):found.start()], {})[found.group(1)] = value
-    if not per_module:
-        raise AdapterFormatError(f"{source}: the weights file holds no PEANuT tensors (keys ending in peanut_A.weight, "
-                                 "peanut_B.weight, peanut_encoders.<i>.weight or peanut_decoders.<i>.weight)")
-    return per_module
-
 
 def from_hf(model: nn.Module, hf: dict, tensors: dict, name: str, source) -> None:
     """Attach the PEANuT in (``hf``, ``tensors``) to ``model`` as ``name``; ``io.load`` undoes it on error."""
-    per_module = module_tensors(tensors, source)
+    per_module = module_tensors(tensors, ("peanut_A.weight", "peanut_B.weight", "peanut_encoders.<i>.weight",
+                                          "peanut_decoders.<i>.weight"), source, "PEANuT", local=LOCAL)
     config = config_from_hf(hf, list(per_module))
     modules = linear_modules(model, per_module, source, "PEANuT")
     config.modules_to_save = present_modules_to_save(config.modules_to_save, modules)

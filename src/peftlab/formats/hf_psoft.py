@@ -23,7 +23,7 @@ from ..core.targets import named_base_modules
 from ..errors import AdapterFormatError, ConfigError
 from ..methods.psoft import PsoftConfig, narrowed_warning
 from . import native
-from .hf_common import PREFIX, linear_modules, present_modules_to_save, refuse_base_training, target_names
+from .hf_common import PREFIX, linear_modules, module_tensors, present_modules_to_save, refuse_base_training, target_names
 
 PEFT_TYPES = ("PSOFT",)
 LOCAL = re.compile(r"\.(psoft_R\.(?:weight|vector_a|vector_b))$")
@@ -100,25 +100,11 @@ def config_from_hf(hf: dict, modules: list) -> PsoftConfig:
     return config
 
 
-def module_tensors(tensors: dict, source) -> dict:
-    """``{module path: {local name: tensor}}``; a key outside PEFT's prefix is an error, and a file
-    with no PSOFT tensors is refused."""
-    per_module: dict = {}
-    for key, value in tensors.items():
-        if not key.startswith(PREFIX):
-            raise AdapterFormatError(f"{source}: unexpected tensor name {key!r}: keys should start with {PREFIX!r}")
-        found = LOCAL.search(key)
-        if found:
-            per_module.setdefault(key[len(PREFIX):found.start()], {})[found.group(1)] = value
-    if not per_module:
-        raise AdapterFormatError(f"{source}: the weights file holds no PSOFT tensors (keys ending in psoft_R.weight, "
-                                 "psoft_R.vector_a or psoft_R.vector_b)")
-    return per_module
-
 
 def from_hf(model: nn.Module, hf: dict, tensors: dict, name: str, source) -> None:
     """Attach the PSOFT in (``hf``, ``tensors``) to ``model`` as ``name``; ``io.load`` undoes it on error."""
-    per_module = module_tensors(tensors, source)
+    per_module = module_tensors(tensors, ("psoft_R.weight", "psoft_R.vector_a", "psoft_R.vector_b"), source, "PSOFT",
+                                local=LOCAL)
     config = config_from_hf(hf, list(per_module))
     modules = linear_modules(model, per_module, source, "PSOFT")
     config.modules_to_save = present_modules_to_save(config.modules_to_save, modules)
