@@ -11,7 +11,9 @@ from conftest import logits, make_llama
 import peftlab
 from peftlab.compose import combine
 from peftlab.errors import ConfigError
+from peftlab.methods import METHODS
 from peftlab.methods.lora import LoraConfig
+from test_method_properties import perturb, spec_of
 
 TARGETS = "targets=[q_proj,v_proj,down_proj]"
 
@@ -292,3 +294,26 @@ def test_factor_space_reproduces_hf_peft_add_weighted_adapter(kind, twins, ids, 
     torch.testing.assert_close(outputs(ours, ids, f"f_{kind}"), logits(theirs, ids), rtol=0, atol=1e-5)
     if kind.endswith("svd"):
         assert set(result.ranks.values()) == {6} and 0 < result.max_energy_dropped < 1
+
+
+MERGEABLE = [m for m, module in METHODS.items() if getattr(module, "MERGEABLE", False)]
+# these merge, but their update is not a weight a plain LoRA can carry: a bias, a norm, an embedding row
+NOT_A_LINEAR_UPDATE = {"trainable_tokens", "ssf", "bitfit", "beft", "ln_tuning"}
+
+
+@pytest.mark.parametrize("method", MERGEABLE)
+def test_every_merging_method_combines_back_to_itself_or_refuses_clearly(method, ids):
+    """Each method's update is read through its own math (factors, delta_weight, or merging a copy of the
+    layer): at weight 1 the combined LoRA gives the adapter's outputs back. LoKr's, HRA's and OSF's
+    ``factors()`` are not LoRA factors, and BOFT's ``factors`` is a count: none is mistaken for one."""
+    torch.manual_seed(0)
+    model = make_llama()
+    peftlab.attach(model, spec_of(method), name="a0")
+    perturb(model)
+    alone = outputs(model, ids, "a0")
+    if method in NOT_A_LINEAR_UPDATE:
+        with pytest.raises(ConfigError, match="bias|linear layers only"):
+            combine(model, ["a0"], [1.0])
+        return
+    combine(model, ["a0"], [1.0])
+    torch.testing.assert_close(outputs(model, ids, "combined"), alone, rtol=1e-4, atol=5e-5)  # dense updates: an SVD

@@ -68,7 +68,7 @@ def test_every_lora_factor_is_one_isometric_projection_of_one_vector():
     assert set(uses.tolist()) <= {D // d, D // d + 1}
     torch.testing.assert_close(P.T @ P, torch.eye(d), rtol=0, atol=1e-6)
     with torch.no_grad():
-        flat = torch.cat([f.flatten() for a in adapters for f in a.factors()])
+        flat = torch.cat([f.flatten() for a in adapters for f in a.factors()[:2]])
         torch.testing.assert_close(flat, P @ theta, rtol=0, atol=1e-7)
         torch.testing.assert_close(flat.norm(), theta.norm(), rtol=1e-5, atol=0)
     # the gradient of theta is P^T times the LoRA-space gradient: one step moves every layer's factors

@@ -401,7 +401,10 @@ def latency(model, method: str, held_out, task: Task) -> dict:
         base = timed(model.get_base_model())  # peft's disable_adapter() fails on classifiers with prompts
         merged = None
         if hasattr(model.base_model, "merge_adapter") and not model.peft_config["default"].is_prompt_learning:
-            model.base_model.merge_adapter()
+            try:
+                model.base_model.merge_adapter()
+            except NotImplementedError:  # peft's Poly, for one, cannot merge
+                return {"base": base, "adapted": adapted, "merged": None}
             merged = timed()
             model.base_model.unmerge_adapter()
         return {"base": base, "adapted": adapted, "merged": merged}

@@ -4,8 +4,9 @@ Each input adapter's update at a layer is read through its method's own math: a 
 ``s B A`` with its own scale (rsLoRA's ``alpha / sqrt(r)`` included; PiSSA as the plain LoRA it is
 saved as), the low-rank variants' effective factors, DoRA's effective update
 ``m (W + sBA) / ||W + sBA|| - W`` (not low-rank), (IA)^3's rescaled rows or columns of ``W``
-(where the layer has no bias for it to rescale), and ``delta_weight()`` of the other
-weight-update methods (KronA, ...); AdaLoRA's ``P diag(λ) Q`` with its own ``alpha / ranknum`` is
+(where the layer has no bias for it to rescale), ``delta_weight()`` of the other
+weight-update methods (KronA, LoKr, HRA, ...), and for a method that only says how it merges (OFT,
+BOFT, RoAd, AdaMSS) the merged copy of the layer minus the layer; AdaLoRA's ``P diag(λ) Q`` with its own ``alpha / ranknum`` is
 read as the low-rank product it is, its masked triplets left out. The combination (``algebra.py``) runs layer by layer,
 and the result is attached as a plain LoRA whose scale is 1 (``alpha = r`` per layer, through
 ``rank_pattern`` / ``alpha_pattern``), so it saves as an ordinary HF PEFT LoRA that
@@ -31,6 +32,7 @@ combine the A and B factors separately; its ``_svd`` types take a full SVD of th
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 
 import torch
@@ -154,6 +156,7 @@ def layer_update(module_name: str, layer: nn.Module, adapter: nn.Module, name: s
     from ..methods.dora import DoraLinear, weight_norm
     from ..methods.ia3 import IA3Linear
     from ..methods.lora import LoraLinear, base_weight, scaling
+    from ..methods.lowrank import FactoredUpdate
 
     base = layer.base_layer
     if isinstance(base, nn.Embedding) or not hasattr(base, "weight"):
@@ -182,13 +185,36 @@ def layer_update(module_name: str, layer: nn.Module, adapter: nn.Module, name: s
             kept = adapter.lora_E[:, 0] != 0
             kept[0] |= not bool(kept.any())  # all masked: a zero update, still rank 1 in a file
             return LowRank(adapter.lora_B[:, kept] * adapter.scale(), (adapter.lora_A * adapter.lora_E)[kept].clone())
-        if hasattr(adapter, "factors"):
+        if isinstance(adapter, FactoredUpdate):
             A, B, scale = adapter.factors()
             return LowRank(B * scale, A.clone())
         if hasattr(adapter, "delta_weight"):
             return adapter.delta_weight().detach().clone()
+        if hasattr(adapter, "merge"):
+            return merged_difference(module_name, base, adapter, name)
     raise ConfigError(f"adapter {name!r} ({type(adapter).__name__} at {module_name}) has no weight update to combine: "
                       "combine takes weight-update methods (LoRA and its variants, DoRA, AdaLoRA, KronA, ...)")
+
+
+def merged_difference(module_name: str, base: nn.Module, adapter: nn.Module, name: str) -> torch.Tensor:
+    """The update of a method that only says how it merges (OFT's and BOFT's rotations, RoAd, GLoRA,
+    AdaMSS): merged into a copy of the layer, minus the layer's own weight. A method whose merge also
+    moves the bias (GLoRA with its bias terms, SSF, BitFit) has no update a LoRA can carry."""
+    from ..methods.lora import base_weight
+
+    if base.weight.dim() != 2:
+        raise ConfigError(f"adapter {name!r} adapts {module_name} ({type(base).__name__}); combine merges updates of "
+                          "linear layers only: leave that module out of the adapters' targets")
+    merged = copy.deepcopy(base)
+    adapter.merge(merged)
+    try:
+        bias, moved_bias = getattr(base, "bias", None), getattr(merged, "bias", None)
+        if moved_bias is not None and (bias is None or not torch.equal(bias, moved_bias)):
+            raise ConfigError(f"adapter {name!r} ({type(adapter).__name__}) also changes the bias of {module_name}, which a "
+                              "plain LoRA cannot carry; merge it into the base (peftlab merge) instead of combining it")
+        return (base_weight(merged) - base_weight(base)).detach().clone()
+    finally:
+        adapter.unmerge(merged)  # adapters that keep state while merged (a pre-merge copy) drop it
 
 
 def check_arguments(model, adapters, weights, method, density, rank, name, space="update") -> None:

@@ -41,12 +41,12 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import MethodConfig
 from ..errors import ConfigError
-from .lora import MergesDelta, _FusedLoraLinear, base_weight
+from .lora import base_weight
+from .lowrank import FactoredUpdate
 from .vera import can_wrap, refuse_non_linear  # noqa: F401  (protocol: nn.Linear, Conv1D refused clearly)
 
 CATEGORY = "reparameterized"
@@ -132,7 +132,7 @@ def delta_weight(theta, indices_A, indices_B, scales_A, scales_B) -> torch.Tenso
 
 # ---- module ----------------------------------------------------------------------------------
 
-class UniLoRALinear(MergesDelta, nn.Module):
+class UniLoRALinear(FactoredUpdate, nn.Module):
     """Uni-LoRA for ``nn.Linear``: returns ``B (A dropout(x))`` with A and B read off the shared
     ``unilora_theta_d`` (held by the adapter's first layer) through this layer's indices and scales."""
 
@@ -160,25 +160,11 @@ class UniLoRALinear(MergesDelta, nn.Module):
     def theta(self) -> torch.Tensor:
         return self.__dict__.get("theta_owner", self)._parameters["unilora_theta_d"]
 
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(A, B, 1.0)``: forward, fused forward, delta and merging come from ``FactoredUpdate``."""
         theta = self.theta()
         return (factor(theta, self.unilora_indices_A, self.unilora_scales_A),
-                factor(theta, self.unilora_indices_B, self.unilora_scales_B))
-
-    def delta_weight(self) -> torch.Tensor:
-        A, B = self.factors()
-        return B @ A
-
-    def forward(self, x, base_out):
-        A, B = self.factors()
-        return F.linear(F.linear(self.dropout(x), A), B)
-
-    def fused_forward(self, base: nn.Module, x):
-        """The whole layer through LoRA's fused kernel with the assembled ``(A, B)``; None where it does not apply."""
-        if type(base) is not nn.Linear or not isinstance(self.dropout, nn.Identity) or x.dtype != self.unilora_scales_A.dtype:
-            return None
-        A, B = self.factors()
-        return _FusedLoraLinear.apply(x, base.weight, base.bias, A, B, 1.0)
+                factor(theta, self.unilora_indices_B, self.unilora_scales_B), 1.0)
 
 
 # ---- method protocol -------------------------------------------------------------------------

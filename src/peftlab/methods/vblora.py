@@ -47,12 +47,12 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..core.config import MethodConfig
 from ..errors import ConfigError, TrainingError
-from .lora import MergesDelta, _FusedLoraLinear, base_weight
+from .lora import base_weight
+from .lowrank import FactoredUpdate
 from .vera import can_wrap, refuse_non_linear  # noqa: F401  (protocol: nn.Linear, Conv1D refused clearly)
 
 CATEGORY = "reparameterized"
@@ -168,7 +168,7 @@ def auto_vector_length(widths, cap: int = MAX_AUTO_LENGTH) -> int:
 
 # ---- module ----------------------------------------------------------------------------------
 
-class VBLoRALinear(MergesDelta, nn.Module):
+class VBLoRALinear(FactoredUpdate, nn.Module):
     """VB-LoRA for ``nn.Linear``: returns ``B (A dropout(x))`` with A and B mixed from the bank. The
     first layer of an adapter holds the bank parameter ``vblora_vector_bank``; the others read it there."""
 
@@ -202,27 +202,13 @@ class VBLoRALinear(MergesDelta, nn.Module):
     def bank(self) -> torch.Tensor:
         return self.__dict__.get("bank_owner", self)._parameters["vblora_vector_bank"]
 
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``(A, B, 1.0)``: forward, fused forward, delta and merging come from ``FactoredUpdate``."""
         if self.training and torch.is_grad_enabled() and torch.isinf(self.vblora_logits_A[0, 0]).any():
             raise TrainingError("vblora: these logits were loaded from a save_only_topk_weights file (-inf outside each "
                                 "top-k), which serves and merges but cannot be trained further; train from a file "
                                 "saved with save_only_topk_weights=false")
-        return factors(self.vblora_logits_A, self.vblora_logits_B, self.bank(), self.topk)
-
-    def delta_weight(self) -> torch.Tensor:
-        A, B = self.factors()
-        return B @ A
-
-    def forward(self, x, base_out):
-        A, B = self.factors()
-        return F.linear(F.linear(self.dropout(x), A), B)
-
-    def fused_forward(self, base: nn.Module, x):
-        """The whole layer through LoRA's fused kernel with the assembled ``(A, B)``; None where it does not apply."""
-        if type(base) is not nn.Linear or not isinstance(self.dropout, nn.Identity) or x.dtype != self.vblora_logits_A.dtype:
-            return None
-        A, B = self.factors()
-        return _FusedLoraLinear.apply(x, base.weight, base.bias, A, B, 1.0)
+        return (*factors(self.vblora_logits_A, self.vblora_logits_B, self.bank(), self.topk), 1.0)
 
 
 # ---- method protocol -------------------------------------------------------------------------
