@@ -12,15 +12,15 @@ layers only; a file that trains biases is refused clearly.
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ..core import adapters as core
 from ..core.state import require_state
 from ..core.targets import named_base_modules
-from ..errors import AdapterFormatError, ConfigError, IncompatibleBaseError
+from ..errors import AdapterFormatError, ConfigError
 from ..methods.pvera import PveraConfig
-from .hf_common import PREFIX, linear_modules, module_tensors, present_modules_to_save, refuse_base_training, target_names
+from .hf_common import (check_outputs, layer_tensors, load_layers, load_shared, missing_shared, module_tensors,
+                        present_modules_to_save, refuse_base_training, target_names)
 
 PEFT_TYPES = ("PVERA",)
 KEYS = ("pvera_lambda_b", "pvera_lambda_d")
@@ -36,15 +36,9 @@ def writes(configs) -> bool:
 def to_hf(model: nn.Module, name: str, config: PveraConfig) -> tuple[dict, dict]:
     """(adapter_config.json, tensors) of adapter ``name`` as PEFT writes a PVeRA."""
     state = require_state(model)
-    tensors, modules, projections = {}, [], None
-    for module_name, layer in core.adapter_layers(model, name):
-        adapter = layer.adapters[name]
-        for key in KEYS:
-            tensors[f"{PREFIX}{module_name}.{key}"] = getattr(adapter, key).detach()
-        modules.append(module_name)
-        projections = adapter.projections()
-    if config.save_projection and projections is not None:
-        tensors.update({key: t.detach() for key, t in zip(PROJECTION_KEYS, projections)})
+    tensors, modules, adapter = layer_tensors(model, name, KEYS)
+    if config.save_projection and adapter is not None:
+        tensors.update({key: t.detach() for key, t in zip(PROJECTION_KEYS, adapter.projections())})
     hf = {
         "peft_type": "PVERA",
         "base_model_name_or_path": state.base_name,
@@ -89,30 +83,11 @@ def from_hf(model: nn.Module, hf: dict, tensors: dict, name: str, source) -> Non
     per_module = module_tensors(tensors, KEYS, source, "PVeRA", skip=PROJECTION_KEYS)
     config = config_from_hf(hf, list(per_module))
     saved = [tensors.get(key) for key in PROJECTION_KEYS]
-    if config.save_projection and any(t is None for t in saved):
-        raise AdapterFormatError(f"{source}: adapter_config.json says save_projection=true, but the weights file lacks "
-                                 f"{' and '.join(PROJECTION_KEYS)}; the file is incomplete")
-    modules = linear_modules(model, per_module, source, "PVeRA")
-    for module_name, local in per_module.items():
-        b, out = local.get("pvera_lambda_b"), modules[module_name].out_features
-        if b is not None and b.shape[0] != out:
-            raise IncompatibleBaseError(f"{source} was saved for a base whose '{module_name}' has {b.shape[0]} outputs, "
-                                        f"but this model's has {out}: wrong base model")
+    missing_shared(config, saved, PROJECTION_KEYS, source)
+    check_outputs(model, per_module, "pvera_lambda_b", source, "PVeRA")
     config.modules_to_save = present_modules_to_save(config.modules_to_save, [n for n, _ in named_base_modules(model)])
     core.attach(model, config, name=name)
-    for module_name, layer in core.adapter_layers(model, name):
-        local, adapter = per_module[module_name], layer.adapters[name]
-        expected = {k: tuple(getattr(adapter, k).shape) for k in KEYS}
-        found = {k: tuple(v.shape) for k, v in local.items()}
-        if expected != found:
-            raise AdapterFormatError(f"{source}: tensors for '{module_name}' are {found}, but the config (r) and the layer "
-                                     f"imply {expected}; the config and weights do not belong together")
-        adapter.load_state_dict(local, strict=False)
+    load_layers(model, name, per_module, KEYS, source)
     if config.save_projection:  # as saved (PEFT, too, ignores a saved pair when save_projection is false)
         _, layer = next(core.adapter_layers(model, name))
-        for current, value, key in zip(layer.adapters[name].projections(), saved, PROJECTION_KEYS):
-            if tuple(current.shape) != tuple(value.shape):
-                raise AdapterFormatError(f"{source}: {key} is {tuple(value.shape)}, but r and the widest adapted layers "
-                                         f"imply {tuple(current.shape)}; the config and weights do not belong together")
-            with torch.no_grad():
-                current.copy_(value)
+        load_shared(layer.adapters[name].projections(), saved, PROJECTION_KEYS, source)

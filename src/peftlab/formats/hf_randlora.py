@@ -20,7 +20,7 @@ from ..core.state import require_state
 from ..core.targets import named_base_modules
 from ..errors import AdapterFormatError, ConfigError, IncompatibleBaseError
 from ..methods.randlora import RandLoraConfig
-from .hf_common import (PREFIX, linear_modules, module_tensors,
+from .hf_common import (layer_tensors, linear_modules, load_layers, load_shared, missing_shared, module_tensors,
                         present_modules_to_save, refuse_base_training, target_names)
 
 PEFT_TYPES = ("RANDLORA",)
@@ -37,16 +37,9 @@ def writes(configs) -> bool:
 def to_hf(model: nn.Module, name: str, config: RandLoraConfig) -> tuple[dict, dict]:
     """(adapter_config.json, tensors) of adapter ``name`` as PEFT writes a RandLoRA (bases once)."""
     state = require_state(model)
-    tensors, modules, bases = {}, [], None
-    for module_name, layer in core.adapter_layers(model, name):
-        adapter = layer.adapters[name]
-        for key in KEYS:
-            tensors[f"{PREFIX}{module_name}.{key}"] = getattr(adapter, key).detach()
-        modules.append(module_name)
-        bases = adapter.bases()
-    if config.save_projection and bases is not None:
-        for tensor, key in zip(bases, BASES.values()):
-            tensors[key] = tensor.detach()
+    tensors, modules, adapter = layer_tensors(model, name, KEYS)
+    if config.save_projection and adapter is not None:
+        tensors.update({key: t.detach() for key, t in zip(BASES.values(), adapter.bases())})
     hf = {
         "peft_type": "RANDLORA",
         "base_model_name_or_path": state.base_name,
@@ -91,9 +84,7 @@ def from_hf(model: nn.Module, hf: dict, tensors: dict, name: str, source) -> Non
     per_module = module_tensors(tensors, KEYS, source, "RandLoRA", skip=BASES.values())
     config = config_from_hf(hf, list(per_module))
     saved = [tensors.get(key) for key in BASES.values()]
-    if config.save_projection and any(t is None for t in saved):
-        raise AdapterFormatError(f"{source}: adapter_config.json says save_projection=true, but the weights file lacks "
-                                 f"{' and '.join(BASES.values())}; the file is incomplete")
+    missing_shared(config, saved, BASES.values(), source)
     modules = linear_modules(model, per_module, source, "RandLoRA")
     for module_name, local in per_module.items():
         gamma = local.get("randlora_gamma")
@@ -104,18 +95,7 @@ def from_hf(model: nn.Module, hf: dict, tensors: dict, name: str, source) -> Non
     base_names = [n for n, _ in named_base_modules(model)]
     config.modules_to_save = present_modules_to_save(config.modules_to_save, base_names)
     core.attach(model, config, name=name)
-    for module_name, layer in core.adapter_layers(model, name):
-        local, adapter = per_module[module_name], layer.adapters[name]
-        expected = {k: tuple(getattr(adapter, k).shape) for k in KEYS}
-        found = {k: tuple(v.shape) for k, v in local.items()}
-        if expected != found:
-            raise AdapterFormatError(f"{source}: tensors for '{module_name}' are {found}, but the config (r) and the layer "
-                                     f"imply {expected}; the config and weights do not belong together")
-        adapter.load_state_dict(local, strict=False)
+    load_layers(model, name, per_module, KEYS, source)
     if config.save_projection:  # as saved (PEFT, too, ignores saved bases when save_projection is false)
         _, layer = next(core.adapter_layers(model, name))
-        for current, value, key in zip(layer.adapters[name].bases(), saved, BASES.values()):
-            if tuple(current.shape) != tuple(value.shape):
-                raise AdapterFormatError(f"{source}: {key} is {tuple(value.shape)}, but r and the widest adapted layers "
-                                         f"imply {tuple(current.shape)}; the config and weights do not belong together")
-            current.copy_(value)
+        load_shared(layer.adapters[name].bases(), saved, BASES.values(), source)

@@ -20,7 +20,8 @@ from ..core.state import require_state
 from ..core.targets import named_base_modules
 from ..errors import AdapterFormatError, ConfigError
 from ..methods.tinylora import TinyLoRAConfig, group_owners, groups_for
-from .hf_common import PREFIX, linear_modules, module_tensors, present_modules_to_save, refuse_base_training, target_names
+from .hf_common import (PREFIX, check_layer_shapes, linear_modules, module_tensors, present_modules_to_save,
+                        refuse_base_training, target_names)
 
 PEFT_TYPES = ("TINYLORA",)
 KEYS = ("tinylora_A", "tinylora_B", "tinylora_P")
@@ -111,11 +112,7 @@ def from_hf(model: nn.Module, hf: dict, tensors: dict, name: str, source) -> Non
     adapters = []
     for module_name, layer in core.adapter_layers(model, name):
         local, adapter = per_module[module_name], layer.adapters[name]
-        expected = {k: tuple(getattr(adapter, k).shape) for k in KEYS if k in local}
-        found = {k: tuple(v.shape) for k, v in local.items()}
-        if expected != found:
-            raise AdapterFormatError(f"{source}: tensors for '{module_name}' are {found}, but the config (r, u) and the "
-                                     f"layer imply {expected}; the config and weights do not belong together")
+        check_layer_shapes(adapter, local, [k for k in KEYS if k in local], module_name, source, "the config (r, u)")
         with torch.no_grad():
             for key, value in local.items():
                 getattr(adapter, key).copy_(value)

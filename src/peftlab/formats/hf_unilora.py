@@ -21,7 +21,8 @@ from ..core.state import require_state
 from ..core.targets import named_base_modules
 from ..errors import AdapterFormatError, ConfigError, IncompatibleBaseError, TargetError
 from ..methods.unilora import UniLoRAConfig
-from .hf_common import PREFIX, linear_modules, module_tensors, present_modules_to_save, refuse_base_training, target_names
+from .hf_common import (PREFIX, check_layer_shapes, linear_modules, module_tensors, present_modules_to_save,
+                        refuse_base_training, target_names)
 
 PEFT_TYPES = ("UNILORA",)
 THETA = "base_model.unilora_theta_d"
@@ -132,11 +133,7 @@ def from_hf(model: nn.Module, hf: dict, tensors: dict, name: str, source) -> Non
 
 
 def _load_indices(adapter, local: dict, module_name: str, config: UniLoRAConfig, source) -> None:
-    expected = {k: tuple(getattr(adapter, k).shape) for k in KEYS}
-    found = {k: tuple(v.shape) for k, v in local.items()}
-    if expected != found:
-        raise AdapterFormatError(f"{source}: tensors for '{module_name}' are {found}, but the config (r) and the layer "
-                                 f"imply {expected}; the config and weights do not belong together")
+    check_layer_shapes(adapter, local, KEYS, module_name, source)
     for key in ("unilora_indices_A", "unilora_indices_B"):
         index = local[key]
         if index.is_floating_point() or int(index.min()) < 0 or int(index.max()) >= config.theta_d_length:

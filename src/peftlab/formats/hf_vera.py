@@ -16,9 +16,10 @@ from torch import nn
 from ..core import adapters as core
 from ..core.state import require_state
 from ..core.targets import named_base_modules
-from ..errors import AdapterFormatError, ConfigError, IncompatibleBaseError
+from ..errors import AdapterFormatError, ConfigError
 from ..methods.vera import VeraConfig
-from .hf_common import PREFIX, linear_modules, present_modules_to_save, refuse_base_training, target_names
+from .hf_common import (check_outputs, layer_tensors, load_layers, load_shared, missing_shared, module_tensors,
+                        present_modules_to_save, refuse_base_training, target_names)
 
 PEFT_TYPES = ("VERA",)
 KEYS = ("vera_lambda_b", "vera_lambda_d")
@@ -34,16 +35,9 @@ def writes(configs) -> bool:
 def to_hf(model: nn.Module, name: str, config: VeraConfig) -> tuple[dict, dict]:
     """(adapter_config.json, tensors) of adapter ``name`` as PEFT writes a VeRA."""
     state = require_state(model)
-    tensors, modules, projections = {}, [], None
-    for module_name, layer in core.adapter_layers(model, name):
-        adapter = layer.adapters[name]
-        for key in KEYS:
-            tensors[f"{PREFIX}{module_name}.{key}"] = getattr(adapter, key).detach()
-        modules.append(module_name)
-        projections = adapter.projections()
-    if config.save_projection and projections is not None:
-        for tensor, key in zip(projections, PROJECTION_KEYS.values()):
-            tensors[key] = tensor.detach()
+    tensors, modules, adapter = layer_tensors(model, name, KEYS)
+    if config.save_projection and adapter is not None:
+        tensors.update({key: t.detach() for key, t in zip(PROJECTION_KEYS.values(), adapter.projections())})
     hf = {
         "peft_type": "VERA",
         "base_model_name_or_path": state.base_name,
@@ -81,48 +75,14 @@ def config_from_hf(hf: dict, modules: list) -> VeraConfig:
 
 def from_hf(model: nn.Module, hf: dict, tensors: dict, name: str, source) -> None:
     """Attach the VeRA in (``hf``, ``tensors``) to ``model`` as ``name``; ``io.load`` undoes it on error."""
-    per_module = {}
-    for key, value in tensors.items():
-        if key in PROJECTION_KEYS.values():
-            continue
-        if not key.startswith(PREFIX):
-            raise AdapterFormatError(f"{source}: unexpected tensor name {key!r}: keys should start with {PREFIX!r}")
-        module_name, _, local = key[len(PREFIX):].rpartition(".")
-        if local in KEYS:
-            per_module.setdefault(module_name, {})[local] = value
-    if not per_module:
-        raise AdapterFormatError(f"{source}: the weights file holds no VeRA tensors (keys ending in {', '.join(KEYS)})")
+    per_module = module_tensors(tensors, KEYS, source, "VeRA", skip=PROJECTION_KEYS.values())
     config = config_from_hf(hf, list(per_module))
     saved = [tensors.get(key) for key in PROJECTION_KEYS.values()]
-    if config.save_projection and any(t is None for t in saved):
-        raise AdapterFormatError(f"{source}: adapter_config.json says save_projection=true, but the weights file lacks "
-                                 f"{' and '.join(PROJECTION_KEYS.values())}; the file is incomplete")
-    _check_modules(model, per_module, source)
-    base_names = [n for n, _ in named_base_modules(model)]
-    config.modules_to_save = present_modules_to_save(config.modules_to_save, base_names)
+    missing_shared(config, saved, PROJECTION_KEYS.values(), source)
+    check_outputs(model, per_module, "vera_lambda_b", source, "VeRA")
+    config.modules_to_save = present_modules_to_save(config.modules_to_save, [n for n, _ in named_base_modules(model)])
     core.attach(model, config, name=name)
-    for module_name, layer in core.adapter_layers(model, name):
-        local, adapter = per_module[module_name], layer.adapters[name]
-        expected = {k: tuple(getattr(adapter, k).shape) for k in KEYS}
-        found = {k: tuple(v.shape) for k, v in local.items()}
-        if expected != found:
-            raise AdapterFormatError(f"{source}: tensors for '{module_name}' are {found}, but the config (r) and the layer "
-                                     f"imply {expected}; the config and weights do not belong together")
-        adapter.load_state_dict(local, strict=False)
+    load_layers(model, name, per_module, KEYS, source)
     if config.save_projection:  # as saved (PEFT, too, ignores a saved pair when save_projection is false)
         _, layer = next(core.adapter_layers(model, name))
-        for current, value, key in zip(layer.adapters[name].projections(), saved, PROJECTION_KEYS.values()):
-            if tuple(current.shape) != tuple(value.shape):
-                raise AdapterFormatError(f"{source}: {key} is {tuple(value.shape)}, but r and the widest adapted layers "
-                                         f"imply {tuple(current.shape)}; the config and weights do not belong together")
-            current.copy_(value)
-
-
-def _check_modules(model: nn.Module, per_module: dict, source) -> None:
-    modules = linear_modules(model, per_module, source, "VeRA")
-    for module_name, local in per_module.items():
-        module = modules[module_name]
-        b = local.get("vera_lambda_b")
-        if b is not None and b.shape[0] != module.out_features:
-            raise IncompatibleBaseError(f"{source} was saved for a base whose '{module_name}' has {b.shape[0]} outputs, "
-                                        f"but this model's has {module.out_features}: wrong base model")
+        load_shared(layer.adapters[name].projections(), saved, PROJECTION_KEYS.values(), source)
