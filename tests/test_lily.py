@@ -228,9 +228,17 @@ def test_inconsistent_or_incomplete_files_are_format_errors(tmp_path):
         peftlab.load(make_llama(), tmp_path / "mixed")
 
 
-def test_peftlab_info_reads_the_file(tmp_path):
+@pytest.mark.parametrize("spec", ["lily[targets=[k_proj,v_proj]]", "lily[r=4,stride_A=2,targets=[q_proj,k_proj,o_proj]]",
+                                  "lily[r=4,share_by=shape,targets=[q_proj,o_proj]]",
+                                  "lily[r=4,share_by=layer,targets=[q_proj]]"])
+def test_peftlab_info_reads_the_file_and_counts_shared_tensors_once(tmp_path, spec):
+    """PEFT's file holds a shared A or B under every layer that reads it: info counts the numbers the
+    adapter trains, as the model has them."""
     from peftlab import cli
 
-    peftlab.save(peftlab.attach(make_llama(), "lily[targets=[k_proj,v_proj]]"), tmp_path)
+    model = peftlab.attach(make_llama(), spec)
+    peftlab.save(model, tmp_path)
     info = cli.adapter_info(tmp_path)
-    assert info["peft_type"] == "LILY" and info["adapted_modules"] == 4
+    trained = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
+    assert info["peft_type"] == "LILY" and info["adapted_modules"] == len(list(core.all_adapters(model)))
+    assert info["adapter_parameters"] == trained

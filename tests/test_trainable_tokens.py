@@ -237,9 +237,12 @@ def test_peft_lora_with_trainable_token_indices_loads_in_peftlab(factory, ids, t
 def test_peftlab_info_reads_the_file(tmp_path):
     from peftlab.cli import adapter_info
 
-    peftlab.save(peftlab.attach(make_llama(), SPEC), tmp_path)
-    info = adapter_info(tmp_path)
-    assert info["method"] == "trainable_tokens" and info["peft_type"] == "TRAINABLE_TOKENS"
+    for factory in (make_llama, tied_llama):  # a tied head's rows are written twice and count once
+        model = peftlab.attach(factory(), SPEC)
+        peftlab.save(model, tmp_path / factory.__name__)
+        info = adapter_info(tmp_path / factory.__name__)
+        assert info["method"] == "trainable_tokens" and info["peft_type"] == "TRAINABLE_TOKENS"
+        assert info["adapter_parameters"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def test_quantized_embeddings_are_refused_clearly():

@@ -23,6 +23,7 @@ import struct
 import sys
 import time
 import warnings
+from importlib import import_module
 from pathlib import Path
 
 from .errors import ConfigError, PeftlabError
@@ -803,6 +804,7 @@ SAVED_FROZEN = (
     "adamss_newB",
 )
 SAVED_FROZEN_PREFIXES = ("base_model.frod_V.",)  # saved once per module category (FRoD's shared bases), never trained
+SHARED_COPIES = {"LILY": "hf_lily", "TRAINABLE_TOKENS": "hf_trainable_tokens"}  # PEFT writes a shared tensor per layer
 INTEGER_DTYPES = ("I64", "I32", "I16", "I8", "U8", "BOOL")  # masks and positions, not trained numbers
 
 
@@ -833,6 +835,10 @@ def adapter_info(adapter) -> dict:
                          if not is_saved_module(n) and n.rsplit(".", 1)[-1] not in SAVED_FROZEN
                          and not n.startswith(SAVED_FROZEN_PREFIXES)
                          and t["dtype"] not in INTEGER_DTYPES)
+    copies = SHARED_COPIES.get(hf.get("peft_type"))
+    if copies is not None:  # tensors a file stores under several layers count once
+        adapter_params -= import_module(f"peftlab.formats.{copies}").duplicate_parameters(
+            hf, {n: t["shape"] for n, t in tensors.items()})
     size = sum(math.prod(t["shape"]) * SAFETENSORS_DTYPE_BYTES.get(t["dtype"], 4) for t in tensors.values())
     peft_type = hf.get("peft_type", "?")
     if configs:

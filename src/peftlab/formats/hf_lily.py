@@ -15,6 +15,7 @@ that differ.
 """
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -55,6 +56,25 @@ def peft_groups(modules: list, shapes: dict, target_modules) -> list:
             key = (max(matches, key=len) if matches else m, shapes[m])
         groups.setdefault(key, []).append(m)
     return sorted(groups.values())
+
+
+def duplicate_parameters(hf: dict, shapes: dict) -> int:
+    """How many of a file's LiLy numbers are copies of a shared tensor, from its config and its tensors'
+    shapes alone (``peftlab info``): PEFT's groups from ``target_modules``, one ``B`` per group and one
+    ``A`` per ``stride_A`` layers of it; every other ``A`` and ``B`` entry is a copy."""
+    local = {}
+    for key, shape in shapes.items():
+        match = KEY.match(key.removeprefix(PREFIX))
+        if match:
+            local.setdefault(match.group(1), {})[match.group(2)] = tuple(shape)
+    layers = {m: t for m, t in local.items() if "lily_A" in t and "lily_B" in t}
+    weight_shape = {m: (t["lily_B"][1], t["lily_A"][1]) for m, t in layers.items()}  # (out, in)
+    stride = max(int(hf.get("stride_A") or 1), 1)
+    copies = 0
+    for group in peft_groups(sorted(layers), weight_shape, hf.get("target_modules") or []):
+        size_A, size_B = (math.prod(layers[group[0]][k]) for k in ("lily_A", "lily_B"))
+        copies += (len(group) - math.ceil(len(group) / stride)) * size_A + (len(group) - 1) * size_B
+    return copies
 
 
 # ---- save ------------------------------------------------------------------------------------

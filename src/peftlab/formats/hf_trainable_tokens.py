@@ -10,6 +10,7 @@ copies are one parameter here).
 """
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -30,6 +31,17 @@ KEY = "trainable_tokens_delta"
 
 def writes(configs) -> bool:
     return len(configs) == 1 and configs[0].method == "trainable_tokens"
+
+
+def duplicate_parameters(hf: dict, shapes: dict) -> int:
+    """How many of a file's numbers are a tied head's copy of the embedding's rows (``peftlab info``):
+    ``target_modules`` names the tables that own rows; a tied head's entry is the other one."""
+    owners = hf.get("target_modules") or []
+    owners = {owners} if isinstance(owners, str) else set(owners)
+    paths = {key.removeprefix(PREFIX).removesuffix("." + KEY): shape for key, shape in shapes.items()
+             if key.endswith("." + KEY)}
+    return sum(math.prod(shape) for path, shape in paths.items()
+               if not any(path == t or path.endswith("." + t) for t in owners))
 
 
 def to_hf(model: nn.Module, name: str, config: TrainableTokensConfig) -> tuple[dict, dict]:
