@@ -87,6 +87,29 @@ def test_answers_equal_the_adapter_alone_and_streams_equal_whole_answers(served)
         assert chat["object"] == "chat.completion" and chat["choices"][0]["message"]["role"] == "assistant"
 
 
+def test_a_quantized_base_serves_dora_and_ia3_adapters_trained_on_the_full_precision_one(tmp_path):
+    """--quantize nf4: the adapters' base check is against the weights they were trained on, and
+    each answer equals the adapter alone on the same 4-bit base."""
+    import peftlab
+
+    model, tokenizer = tiny_lm()
+    base = copy.deepcopy(model)
+    paths = {"dora": save_adapters(base, tmp_path / "dora", 1, spec="dora[r=4]")["a0"],
+             "ia3": save_adapters(base, tmp_path / "ia3", 1, spec="ia3")["a0"]}
+    app, engine = build_server("tiny", paths, model=model, tokenizer=tokenizer, quantize="nf4")
+    peftlab.quantize(base, "nf4")
+    assert peftlab.quant.weight_bytes(model)["quantized"] < peftlab.quant.weight_bytes(model)["fp32_quantized"]
+    with TestClient(app) as client:
+        for name in paths:
+            answer = client.post("/v1/completions", json={"model": name, "prompt": "abc", "max_tokens": 6,
+                                                          "temperature": 0}).json()
+            ids = tokenizer("abc", add_special_tokens=False)["input_ids"]
+            expected = greedy_alone(base, paths[name], ids, 6, [tokenizer.eos_token_id])
+            assert answer["choices"][0]["text"] == tokenizer.decode(expected, skip_special_tokens=True)
+    with pytest.raises(ConfigError, match="--quantize must be one of"):
+        build_server("tiny", {}, model=copy.deepcopy(base), tokenizer=tokenizer, quantize="nf3")
+
+
 def test_bad_requests_get_clear_errors(served):
     app, engine, *_ = served
     with TestClient(app) as client:

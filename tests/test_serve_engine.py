@@ -9,18 +9,21 @@ import random
 
 import pytest
 import torch
+from torch import nn
 
 from peftlab.errors import AdapterFormatError, ConfigError, IncompatibleBaseError, StateError
 from peftlab.formats.io import fingerprint
 from peftlab.serve.engine import Engine, QueueFull, Request, sample
 from peftlab.serve.lora_bank import LoraBank, StepRouting, lora_delta, segmented_lora_delta
 from peftlab.serve.runner import DecoderRunner, PackedLinear, padded_rows
-from serve_helpers import Collector, greedy_alone, greedy_peft, save_adapters, tiny_lm
+from serve_helpers import TARGETS, Collector, greedy_alone, greedy_peft, save_adapters, tiny_lm
+
+import peftlab
 
 
-def make_engine(model, tokenizer, adapters: dict, **options):
+def make_engine(model, tokenizer, adapters: dict, fingerprint_of=None, **options):
     bank_options = {k: options.pop(k) for k in ("max_loras", "max_cpu_loras", "max_rank") if k in options}
-    bank = LoraBank(model, base_fingerprint=fingerprint(model), **{"max_loras": 16, **bank_options})
+    bank = LoraBank(model, base_fingerprint=fingerprint(fingerprint_of or model), **{"max_loras": 16, **bank_options})
     for name, path in adapters.items():
         bank.register(name, path)
     runner = DecoderRunner(model, max_sequences=options.pop("max_batch", 32), capacity=8)
@@ -99,6 +102,16 @@ def test_packed_linear_equals_the_linear_layer_and_the_bank_wraps_it():
     assert len(bank.shapes) == 7 * len(model.model.layers)
 
 
+def test_row_norms_of_a_packed_layer_equal_its_weights():
+    """DoRA's norms need ||W_i||^2; a layer packed for oneDNN gives it by running on the identity."""
+    from peftlab.serve.lora_bank import weight_row_norms
+
+    torch.manual_seed(0)
+    linear = nn.Linear(24, 40)
+    torch.testing.assert_close(weight_row_norms(PackedLinear(linear)), linear.weight.detach().square().sum(1))
+    torch.testing.assert_close(weight_row_norms(linear), linear.weight.detach().square().sum(1))
+
+
 def test_gather_lora_delta_equals_the_per_segment_reference():
     g = torch.Generator().manual_seed(0)
     A, B = torch.randn(6, 16, 4, generator=g), torch.randn(6, 4, 24, generator=g)
@@ -133,6 +146,75 @@ def test_mixed_batch_of_eight_adapters_and_base_rows_equals_each_alone(tmp_path,
         assert r.on_event.done["completion_tokens"] == len(r.output_ids)
         assert r.on_event.text == tokenizer.decode(r.output_ids, skip_special_tokens=True)
     assert not engine.running and engine.bank.residency()["in_use"] == 0  # every slot and reference freed
+
+
+MIXED_KINDS = {"dora": f"dora[r=4,alpha=8,targets={TARGETS}]", "dora-mlp": "dora[r=2,alpha=4,targets=[up_proj,down_proj]]",
+               "ia3": "ia3", "ia3-attention": "ia3[targets=[q_proj,o_proj],feedforward=[]]"}
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "nf4"])
+def test_lora_dora_and_ia3_adapters_mixed_in_one_batch_equal_each_alone(tmp_path, quantized):
+    """DoRA's gain m / ||W + sBA|| and (IA)^3's scales are per feature, so rows of different adapters
+    still share the base's pass: each request answers as its adapter alone, in peftlab and HF PEFT;
+    on a 4-bit base too (against the same quantized base alone)."""
+    model, tokenizer = tiny_lm()
+    base = copy.deepcopy(model)
+    paths = save_adapters(base, tmp_path, 3, r=4)
+    for kind, spec in MIXED_KINDS.items():
+        paths[kind] = save_adapters(base, tmp_path / kind, 1, spec=spec)["a0"]
+    if quantized:
+        peftlab.quantize(model, "nf4")
+        peftlab.quantize(base, "nf4")
+    engine = make_engine(model, tokenizer, paths, fingerprint_of=base)
+    names = list(paths) + [None]
+    rng = random.Random(1)
+    requests = [Request(adapter=names[i % len(names)], prompt_ids=ids, max_tokens=rng.randint(4, 8),
+                        on_event=Collector(), temperature=0) for i, ids in enumerate(prompts(16, seed=4))]
+    run_all(engine, requests, join_every=2)
+    eos = [tokenizer.eos_token_id]
+    for r in requests:
+        folder = paths[r.adapter] if r.adapter else None
+        assert r.output_ids == greedy_alone(base, folder, r.prompt_ids, r.max_tokens, eos), r.adapter
+        if not quantized:
+            assert r.output_ids == greedy_peft(base, folder, r.prompt_ids, r.max_tokens, eos), r.adapter
+    assert not engine.running and engine.bank.residency()["in_use"] == 0
+
+
+def tiny_qwen2():
+    """A tiny Qwen2: its q/k/v projections have biases, which DoRA's gain leaves alone."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    _, tokenizer = tiny_lm()
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    model = Qwen2ForCausalLM(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("proj.bias"):
+                p.normal_(0, 0.5)
+    return model, tokenizer
+
+
+@pytest.mark.parametrize("make", [tiny_lm, tiny_qwen2], ids=["llama", "qwen2-biases"])
+def test_the_banks_dora_gain_and_ia3_scales_equal_the_methods_own_layers(tmp_path, make):
+    """One step, one adapter at a time: the served logits are the adapter's own model's."""
+    model, tokenizer = make()
+    base = copy.deepcopy(model)
+    paths = {kind: save_adapters(base, tmp_path / kind, 1, spec=spec)["a0"] for kind, spec in MIXED_KINDS.items()}
+    engine = make_engine(model, tokenizer, paths)
+    bank, ids = engine.bank, prompts(1, seed=9)[0]
+    for kind, folder in paths.items():
+        slot = bank.acquire(kind)
+        bank.set_rows([slot] * len(ids))
+        served = engine.runner.step([], [], [ids])
+        alone = copy.deepcopy(base)
+        peftlab.load(alone, folder)
+        with torch.inference_mode():
+            expected = alone(torch.tensor([ids])).logits[0, -1]
+        torch.testing.assert_close(served[0], expected, rtol=1e-4, atol=1e-4)
+        bank.release(kind)
 
 
 def test_requests_join_and_leave_at_every_step_without_recomputing_others(tmp_path):
@@ -224,8 +306,8 @@ def test_bank_keeps_adapters_in_use_loads_the_rest_from_disk_and_refuses_what_it
 
     with pytest.raises(ConfigError, match="max-lora-rank"):
         bank.register("big", save_adapters(base, tmp_path / "big", 1, r=32)["a0"])
-    with pytest.raises(AdapterFormatError, match="DoRA"):
-        bank.register("dora", save_adapters(base, tmp_path / "dora", 1, spec="dora[r=4]")["a0"])
+    with pytest.raises(AdapterFormatError, match="'LOHA' adapter.*peftlab merge"):
+        bank.register("loha", save_adapters(base, tmp_path / "loha", 1, spec="loha[r=4]")["a0"])
     with pytest.raises(IncompatibleBaseError, match="another base"):
         bank.register("other", save_adapters(make_other_base(), tmp_path / "other", 1)["a0"])
     with pytest.raises(ConfigError, match="already loaded"):

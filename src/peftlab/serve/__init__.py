@@ -19,11 +19,14 @@ from ..errors import ConfigError
 def build_server(base: str, adapters: dict, *, max_loras: int = 16, max_cpu_loras: int = 64, max_lora_rank: int = 16,
                  max_batch: int = 32, max_step_tokens: int = 2048, max_queue: int = 256, max_prompt_tokens: int = 1024,
                  max_tokens_limit: int = 512, keys: dict | None = None, adapter_root: str | None = None,
-                 device: str = "cpu", model=None, tokenizer=None, drain_seconds: float = 60.0, engine: str = "peftlab"):
+                 device: str = "cpu", model=None, tokenizer=None, drain_seconds: float = 60.0, engine: str = "peftlab",
+                 quantize: str | None = None):
     """(app, engine): the FastAPI app and its engine (started by the app's lifespan), with
     ``adapters`` (``{name: folder}``) registered and checked up front. ``engine`` is peftlab's
     continuous-batching engine, or a baseline over HF PEFT (``peft-mixed``, ``peft-swap``;
-    ``baselines.py``) behind the same API, for ``peftlab loadtest`` to compare."""
+    ``baselines.py``) behind the same API, for ``peftlab loadtest`` to compare. ``quantize``
+    (nf4, fp4, int8, int4) stores the decoder's linear layers so (QLoRA's base); adapters are
+    checked against the full-precision base they were trained on."""
     from ..formats.io import fingerprint
     from ..models import load_model
     from ..tasks.generation import stop_token_ids
@@ -39,6 +42,13 @@ def build_server(base: str, adapters: dict, *, max_loras: int = 16, max_cpu_lora
             raise ConfigError(f"--{flag} must be a positive integer, got {value!r}")
     if model is None:
         model, tokenizer = load_model(base, device=device)
+    base_fingerprint = fingerprint(model)  # of the weights the adapters were trained on, before any quantization
+    if quantize is not None:
+        from ..quant import FORMATS, quantize as quantize_model
+
+        if quantize not in FORMATS:
+            raise ConfigError(f"--quantize must be one of {', '.join(FORMATS)}, got {quantize!r}")
+        quantize_model(model, quantize)
     base_name = Path(base).name if Path(base).exists() else base
     for name in adapters:
         try:
@@ -58,7 +68,7 @@ def build_server(base: str, adapters: dict, *, max_loras: int = 16, max_cpu_lora
                                    max_context=context, metrics=metrics, base_name=base_name)
     else:
         bank = LoraBank(model, max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_rank=max_lora_rank,
-                        base_fingerprint=fingerprint(model))
+                        base_fingerprint=base_fingerprint)
         for name, folder in adapters.items():
             bank.register(name, folder)
         runner = DecoderRunner(model, max_sequences=max_batch, capacity=min(256, context))
@@ -101,6 +111,8 @@ def add_parsers(commands) -> None:
     serve.add_argument("--api-keys", metavar="FILE", help="JSON/YAML file mapping each key to the adapters it may use")
     serve.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     serve.add_argument("--device", default="cpu")
+    serve.add_argument("--quantize", choices=("nf4", "fp4", "int8", "int4"),
+                       help="serve on a quantized base: the decoder's linear layers in this format (the head stays fp32)")
     serve.add_argument("--engine", default="peftlab", choices=("peftlab", "peft-mixed", "peft-swap"),
                        help="peftlab's continuous batching, or a static-batch HF PEFT baseline (for loadtest)")
     serve.set_defaults(func=run_serve)
@@ -127,7 +139,7 @@ def run_serve(args) -> int:
         max_batch=args.max_batch, max_step_tokens=args.max_step_tokens, max_queue=args.max_queue,
         max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit,
         keys=read_keys(args.api_keys, args.api_key), adapter_root=args.adapter_root, device=args.device,
-        engine=args.engine)
+        engine=args.engine, quantize=args.quantize)
     serve_in_main_thread(app, engine, uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
                                                                     log_level="warning", timeout_graceful_shutdown=60)))
     return 0

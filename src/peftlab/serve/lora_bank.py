@@ -13,10 +13,14 @@ The design follows S-LoRA (Sheng et al., 2023) and Punica (Chen et al., 2023):
   sorts and segments them once (``core.routing.Routing``), and every wrapped layer of that step
   reads the result in ``lora_delta``.
 
-Adapters are read in Hugging Face PEFT's LoRA format (what ``peftlab.save`` writes for LoRA and
-what ``peft`` and vLLM read), with the checks of ``peftlab.load``: safetensors only, a matching
-base, shapes that fit. DoRA, embedding LoRA and ``modules_to_save`` change more than a low-rank
-delta of a linear layer and are refused with the reason.
+Adapters are read in Hugging Face PEFT's format (what ``peftlab.save`` writes and what ``peft``
+and vLLM read), with the checks of ``peftlab.load``: safetensors only, a matching base, shapes
+that fit. Three kinds batch together (``ModuleUpdate``): LoRA (a low-rank delta), DoRA (the same
+delta, then a per-output gain ``m / ||W + s B A||``, its norms computed against the served base
+when the adapter takes a slot) and (IA)^3 (a per-output or per-input gain, no delta). A gain is a
+vector per slot, so each row takes its adapter's in one elementwise product beside the shared
+base pass. Other methods, embedding LoRA and ``modules_to_save`` change more than that and are
+refused with the reason.
 """
 from __future__ import annotations
 
@@ -33,15 +37,37 @@ from ..core.targets import get_submodule_parent
 from ..errors import AdapterFormatError, ConfigError, IncompatibleBaseError, StateError
 from ..formats import hf_lora
 from ..formats.io import read_adapter
-from ..methods.lora import scaling
+from ..methods.lora import base_weight, scaling
+from ..quant.layers import is_quantized
 from .runner import PackedLinear
 
 BASE_SLOT = 0
 
 
 @dataclass
+class ModuleUpdate:
+    """What one adapter does to one linear layer, in the form the bank batches:
+    ``y = g * (W (x * l_in) + b + s x A^T B^T) + (1 - g) * b``, where LoRA has only ``A``, ``B``
+    and the scale ``s``; DoRA adds its magnitude ``m`` (``g = m / ||W + s B A||`` per output row,
+    computed against this base when the adapter takes a slot); (IA)^3 has no ``A`` or ``B``, only
+    its vector: ``g = l`` on an output (bias included, as PEFT does) or ``l_in = l`` on a
+    feedforward input."""
+
+    A: torch.Tensor | None = None  # (r x in)
+    B: torch.Tensor | None = None  # (out x r)
+    scale: float = 1.0
+    magnitude: torch.Tensor | None = None  # DoRA's m (out,)
+    ia3: torch.Tensor | None = None  # (IA)^3's l: (out,), or (in,) where ia3_input
+    ia3_input: bool = False
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.A is None else self.A.shape[0]
+
+
+@dataclass
 class LoraWeights:
-    """One adapter as the bank stores it: ``{module: (A (r x in), B (out x r), scale)}``."""
+    """One adapter as the bank stores it: ``{module: ModuleUpdate}``."""
 
     name: str
     path: str
@@ -50,25 +76,35 @@ class LoraWeights:
 
 
 def read_lora(name: str, path, shapes: dict, max_rank: int, base_fingerprint: str | None = None) -> LoraWeights:
-    """Read and check the LoRA adapter in folder ``path`` against the base's module ``shapes``
-    (``{module name: (out, in)}``) and the bank's rank limit."""
+    """Read and check the adapter in folder ``path`` against the base's module ``shapes``
+    (``{module name: (out, in)}``) and the bank's rank limit: a LoRA (rsLoRA, patterns and DoRA
+    included) or an (IA)^3, in HF PEFT's format. Other methods are refused with the reason."""
     hf, tensors, info = read_adapter(path)
-    if hf.get("peft_type") != "LORA":
-        raise AdapterFormatError(f"adapter {name!r} ({path}) is a {hf.get('peft_type')!r} adapter; the server batches "
-                                 "LoRA adapters (peft_type LORA) only")
-    per_module, others = hf_lora.split_keys(tensors)
-    config = hf_lora.config_from_hf(hf, list(per_module))
-    if hf.get("use_dora"):
-        raise AdapterFormatError(f"adapter {name!r} is a DoRA adapter: its magnitude vector rescales whole weight "
-                                 "columns, which is not a low-rank delta; merge it into a base (peftlab merge) to serve it")
-    if others:
-        raise AdapterFormatError(f"adapter {name!r} also saves full modules ({', '.join(sorted(others)[:3])}); rows "
-                                 "of a shared batch cannot swap whole modules, so it cannot be served mixed")
     saved = info.get("base_fingerprint")
     if base_fingerprint and saved and saved != base_fingerprint:
         raise IncompatibleBaseError(f"adapter {name!r} ({path}) was saved for another base model "
                                     f"({info.get('base_model') or 'fingerprint ' + saved}); serve it with that base")
-    modules, rank = {}, 0
+    peft_type = hf.get("peft_type")
+    if peft_type == "IA3":
+        modules = _read_ia3(name, hf, tensors, shapes)
+    elif peft_type == "LORA":
+        modules = _read_lora_modules(name, hf, tensors, shapes, max_rank)
+    else:
+        raise AdapterFormatError(f"adapter {name!r} ({path}) is a {peft_type!r} adapter; the server batches LoRA (with "
+                                 "DoRA) and (IA)^3 adapters, whose updates are a low-rank product and per-feature "
+                                 "scales; merge it into a base (peftlab merge) and serve that base instead")
+    if not modules:
+        raise AdapterFormatError(f"adapter {name!r} ({path}) holds no LoRA or (IA)^3 tensors")
+    return LoraWeights(name, str(path), max(u.rank for u in modules.values()), modules)
+
+
+def _read_lora_modules(name: str, hf: dict, tensors: dict, shapes: dict, max_rank: int) -> dict:
+    per_module, others = hf_lora.split_keys(tensors)
+    config = hf_lora.config_from_hf(hf, list(per_module))
+    if others:
+        raise AdapterFormatError(f"adapter {name!r} also saves full modules ({', '.join(sorted(others)[:3])}); rows "
+                                 "of a shared batch cannot swap whole modules, so it cannot be served mixed")
+    modules = {}
     for module, local in per_module.items():
         if "lora_B.bias" in local:
             raise AdapterFormatError(f"adapter {name!r} has a lora_B bias (lora_bias=true) at '{module}', which the "
@@ -76,9 +112,7 @@ def read_lora(name: str, path, shapes: dict, max_rank: int, base_fingerprint: st
         if "lora_A.weight" not in local or "lora_B.weight" not in local:
             raise AdapterFormatError(f"adapter {name!r}: '{module}' has tensors {sorted(local)}; the server takes "
                                      "LoRA on linear layers (lora_A / lora_B) only")
-        if module not in shapes:
-            raise IncompatibleBaseError(f"adapter {name!r} adapts '{module}', which is not a linear layer the server "
-                                        f"can adapt on this base (it adapts {', '.join(sorted({m.rsplit('.', 1)[-1] for m in shapes}))})")
+        _check_module(name, module, shapes)
         A, B = local["lora_A.weight"].float(), local["lora_B.weight"].float()
         out_features, in_features = shapes[module]
         if A.dim() != 2 or B.dim() != 2 or A.shape[1] != in_features or B.shape[0] != out_features or A.shape[0] != B.shape[1]:
@@ -88,11 +122,42 @@ def read_lora(name: str, path, shapes: dict, max_rank: int, base_fingerprint: st
         if r > max_rank:
             raise ConfigError(f"adapter {name!r} has rank {r} at '{module}', above --max-lora-rank {max_rank}; "
                               "restart the server with a higher --max-lora-rank to serve it")
-        modules[module] = (A, B, scaling(config.alpha_for(module), config.rank_for(module), config.rslora))
-        rank = max(rank, r)
-    if not modules:
-        raise AdapterFormatError(f"adapter {name!r} ({path}) holds no LoRA tensors")
-    return LoraWeights(name, str(path), rank, modules)
+        magnitude = local.get("lora_magnitude_vector")
+        if hf.get("use_dora") and magnitude is None:
+            raise AdapterFormatError(f"adapter {name!r} is a DoRA adapter without a magnitude at '{module}'; the file "
+                                     "is incomplete")
+        if magnitude is not None and tuple(magnitude.flatten().shape) != (out_features,):
+            raise IncompatibleBaseError(f"adapter {name!r}: '{module}' has a DoRA magnitude of {tuple(magnitude.shape)}, "
+                                        f"which does not fit this base's {out_features} outputs")
+        modules[module] = ModuleUpdate(A, B, scaling(config.alpha_for(module), config.rank_for(module), config.rslora),
+                                       magnitude=None if magnitude is None else magnitude.float().flatten())
+    return modules
+
+
+def _read_ia3(name: str, hf: dict, tensors: dict, shapes: dict) -> dict:
+    from ..formats.hf_ia3 import KEY, peft_feedforward
+
+    modules = {}
+    for key, value in tensors.items():
+        if not key.startswith(hf_lora.PREFIX) or not key.endswith("." + KEY):
+            raise AdapterFormatError(f"adapter {name!r}: unexpected tensor {key!r} in an (IA)^3 file; rows of a shared "
+                                     "batch cannot swap whole modules, so it cannot be served mixed")
+        module = key[len(hf_lora.PREFIX):-len(KEY) - 1]
+        _check_module(name, module, shapes)
+        ia3_input = bool(peft_feedforward(hf.get("feedforward_modules"), module))
+        out_features, in_features = shapes[module]
+        want = (1, in_features) if ia3_input else (out_features, 1)
+        if tuple(value.shape) != want:
+            raise IncompatibleBaseError(f"adapter {name!r}: '{module}.{KEY}' is {tuple(value.shape)}, but this base's "
+                                        f"layer and feedforward_modules imply {want}")
+        modules[module] = ModuleUpdate(ia3=value.float().flatten(), ia3_input=ia3_input)
+    return modules
+
+
+def _check_module(name: str, module: str, shapes: dict) -> None:
+    if module not in shapes:
+        raise IncompatibleBaseError(f"adapter {name!r} adapts '{module}', which is not a linear layer the server "
+                                    f"can adapt on this base (it adapts {', '.join(sorted({m.rsplit('.', 1)[-1] for m in shapes}))})")
 
 
 class StepRouting(Routing):
@@ -129,6 +194,24 @@ def segmented_lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, rout
     return out
 
 
+def rows_of(table: torch.Tensor, routing: StepRouting, like: torch.Tensor) -> torch.Tensor:
+    """Each row's vector of ``table`` (slots x features), shaped to broadcast over ``like`` (rows, ..., features)."""
+    if routing.uniform is not None:
+        return table[routing.uniform]
+    picked = table.index_select(0, routing.slots.to(table.device))
+    return picked.view(picked.shape[0], *([1] * (like.dim() - 2)), picked.shape[-1])
+
+
+def weight_row_norms(base: nn.Module) -> torch.Tensor:
+    """``||W_i||^2`` of every output row of a base linear layer: from its weight (dequantized where
+    quantized), or, once packed for oneDNN, from the layer run on the identity."""
+    with torch.inference_mode():
+        if isinstance(base, PackedLinear):
+            W_t = base(torch.eye(base.in_features)).float() - (base.bias.float() if base.bias is not None else 0)
+            return W_t.square().sum(0)
+        return base_weight(base).float().square().sum(1)
+
+
 class BankedLinear(nn.Module):
     """A base linear layer plus the bank's LoRA delta for the rows that have an adapter."""
 
@@ -139,9 +222,8 @@ class BankedLinear(nn.Module):
         object.__setattr__(self, "bank", bank)  # shared, not a submodule
 
     def forward(self, x):
-        out = self.base_layer(x)
-        delta = self.bank.delta(self.key, x)
-        return out if delta is None else out + delta
+        x = self.bank.scale_input(self.key, x)
+        return self.bank.adapt_output(self.key, x, self.base_layer(x))
 
 
 class LoraBank:
@@ -163,6 +245,11 @@ class LoraBank:
         self.slot_order = OrderedDict()  # resident names, least recently used first
         self.stats = {"slot_hits": 0, "cpu_hits": 0, "disk_loads": 0, "slot_evictions": 0, "cpu_evictions": 0}
         self.shapes, self.A, self.B, self.slots_with = {}, {}, {}, {}
+        self.layers = {}  # module name -> its BankedLinear
+        # per-slot feature scales, created for a module when a DoRA or (IA)^3 adapter first needs them
+        self.out_scale, self.out_shift, self.in_scale = {}, {}, {}
+        self.slots_scaling_out, self.slots_scaling_in = {}, {}
+        self.row_norms = {}  # module name -> ||W_i||^2 per output row (DoRA's norms), computed on first need
         self.routing = None
         self._wrap(model, targets)
 
@@ -171,10 +258,13 @@ class LoraBank:
             raise ConfigError("this model is already served by a LoRA bank; give each server its own model")
         wrapped = []
         for name, module in list(model.named_modules()):
-            linear = type(module) is nn.Linear or isinstance(module, PackedLinear)
+            linear = type(module) is nn.Linear or isinstance(module, PackedLinear) or is_quantized(module)
             if linear and name.rsplit(".", 1)[-1] in targets and ".layers." in f".{name}":
                 parent, attr = get_submodule_parent(model, name)
-                setattr(parent, attr, BankedLinear(module, self, name))
+                self.layers[name] = BankedLinear(module, self, name)
+                setattr(parent, attr, self.layers[name])
+                if not isinstance(module, PackedLinear):  # packing comes later and hides the weight
+                    self.row_norms[name] = weight_row_norms(module)
                 self.shapes[name] = (module.out_features, module.in_features)
                 wrapped.append(name)
         if not wrapped:
@@ -273,21 +363,45 @@ class LoraBank:
             self.cpu.popitem(last=False)
             self.stats["cpu_evictions"] += 1
 
+    @torch.inference_mode()
     def _fill(self, slot: int, weights: LoraWeights) -> None:
         self._clear(slot)
-        for module, (A, B, scale) in weights.modules.items():
-            if module not in self.A:
-                out_features, in_features = self.shapes[module]
-                self.A[module] = torch.zeros(self.max_loras + 1, in_features, self.max_rank, dtype=self.dtype, device=self.device)
-                self.B[module] = torch.zeros(self.max_loras + 1, self.max_rank, out_features, dtype=self.dtype, device=self.device)
-                self.slots_with[module] = set()
-            r = A.shape[0]
-            self.A[module][slot, :, :r] = A.t().to(self.dtype)
-            self.B[module][slot, :r] = (B.t() * scale).to(self.dtype)
-            self.slots_with[module].add(slot)
+        for module, update in weights.modules.items():
+            out_features, in_features = self.shapes[module]
+            if update.A is not None:
+                if module not in self.A:
+                    self.A[module] = self._zeros(in_features, self.max_rank)
+                    self.B[module] = self._zeros(self.max_rank, out_features)
+                    self.slots_with[module] = set()
+                r = update.rank
+                self.A[module][slot, :, :r] = update.A.t().to(self.dtype)
+                self.B[module][slot, :r] = (update.B.t() * update.scale).to(self.dtype)
+                self.slots_with[module].add(slot)
+            gain = update.ia3 if update.ia3 is not None and not update.ia3_input else None
+            if update.magnitude is not None:
+                gain = update.magnitude / self._dora_norm(module, update)
+            if gain is not None:
+                if module not in self.out_scale:
+                    self.out_scale[module] = self._zeros(out_features).add_(1)
+                    self.out_shift[module] = self._zeros(out_features)
+                    self.slots_scaling_out[module] = set()
+                self.out_scale[module][slot] = gain.to(self.dtype)
+                bias = getattr(self.layers[module].base_layer, "bias", None)
+                if update.magnitude is not None and bias is not None:  # DoRA leaves the bias as it is
+                    self.out_shift[module][slot] = ((1 - gain) * bias.float()).to(self.dtype)
+                self.slots_scaling_out[module].add(slot)
+            if update.ia3_input:
+                if module not in self.in_scale:
+                    self.in_scale[module] = self._zeros(in_features).add_(1)
+                    self.slots_scaling_in[module] = set()
+                self.in_scale[module][slot] = update.ia3.to(self.dtype)
+                self.slots_scaling_in[module].add(slot)
         self.slot_names[slot] = weights.name
         self.slot_of[weights.name] = slot
         self.slot_order[weights.name] = None
+
+    def _zeros(self, *shape) -> torch.Tensor:
+        return torch.zeros(self.max_loras + 1, *shape, dtype=self.dtype, device=self.device)
 
     def _clear(self, slot: int) -> None:
         for module, slots in self.slots_with.items():
@@ -295,6 +409,30 @@ class LoraBank:
                 self.A[module][slot].zero_()
                 self.B[module][slot].zero_()
                 slots.discard(slot)
+        for module, slots in self.slots_scaling_out.items():
+            if slot in slots:
+                self.out_scale[module][slot].fill_(1)
+                self.out_shift[module][slot].zero_()
+                slots.discard(slot)
+        for module, slots in self.slots_scaling_in.items():
+            if slot in slots:
+                self.in_scale[module][slot].fill_(1)
+                slots.discard(slot)
+
+    def _dora_norm(self, module: str, update: ModuleUpdate) -> torch.Tensor:
+        """``||W_i + s (B A)_i||`` for every output row ``i``, as DoRA (and PEFT) take it, from the
+        rows' squared norms, ``W A^T`` (the base layer run on the rows of ``A``, bias removed) and
+        ``B A``: the served base may be packed or quantized, with no dense weight to add to."""
+        base = self.layers[module].base_layer
+        if module not in self.row_norms:
+            self.row_norms[module] = weight_row_norms(base)
+        A, sB = update.A.float(), update.B.float() * update.scale
+        projected = base(A.to(self.dtype)).float()  # (r x out): A W^T + b
+        bias = getattr(base, "bias", None)
+        if bias is not None:
+            projected = projected - bias.float()
+        squared = self.row_norms[module] + 2 * (sB * projected.t()).sum(1) + (sB @ A).square().sum(1)
+        return squared.clamp_min(0).sqrt()
 
     # ---- the forward pass ----------------------------------------------------------------
 
@@ -307,6 +445,24 @@ class LoraBank:
         if routing is None or not routing.used or key not in self.A or not (routing.used & self.slots_with[key]):
             return None
         return lora_delta(x, self.A[key], self.B[key], routing)
+
+    def scale_input(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        """(IA)^3's feedforward scale on the input rows of the adapters that have one."""
+        routing = self.routing
+        if routing is None or key not in self.in_scale or not (routing.used & self.slots_scaling_in[key]):
+            return x
+        return x * rows_of(self.in_scale[key], routing, x)
+
+    def adapt_output(self, key: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The base output ``out`` with each row's LoRA delta added, then DoRA's and (IA)^3's
+        per-feature gains (and DoRA's bias correction) applied where the row's adapter has them."""
+        delta = self.delta(key, x)
+        if delta is not None:
+            out = out + delta
+        routing = self.routing
+        if routing is None or key not in self.out_scale or not (routing.used & self.slots_scaling_out[key]):
+            return out
+        return out * rows_of(self.out_scale[key], routing, out) + rows_of(self.out_shift[key], routing, out)
 
     def residency(self) -> dict:
         with self.lock:
