@@ -202,14 +202,9 @@ def rows_of(table: torch.Tensor, routing: StepRouting, like: torch.Tensor) -> to
     return picked.view(picked.shape[0], *([1] * (like.dim() - 2)), picked.shape[-1])
 
 
-def weight_row_norms(base: nn.Module) -> torch.Tensor:
-    """``||W_i||^2`` of every output row of a base linear layer: from its weight (dequantized where
-    quantized), or, once packed for oneDNN, from the layer run on the identity."""
-    with torch.inference_mode():
-        if isinstance(base, PackedLinear):
-            W_t = base(torch.eye(base.in_features)).float() - (base.bias.float() if base.bias is not None else 0)
-            return W_t.square().sum(0)
-        return base_weight(base).float().square().sum(1)
+def dense_weight(base: nn.Module) -> torch.Tensor:
+    """The (out x in) weight of a served base layer, whatever stores it."""
+    return base.weight.to_dense() if isinstance(base, PackedLinear) else base_weight(base)
 
 
 class BankedLinear(nn.Module):
@@ -249,7 +244,6 @@ class LoraBank:
         # per-slot feature scales, created for a module when a DoRA or (IA)^3 adapter first needs them
         self.out_scale, self.out_shift, self.in_scale = {}, {}, {}
         self.slots_scaling_out, self.slots_scaling_in = {}, {}
-        self.row_norms = {}  # module name -> ||W_i||^2 per output row (DoRA's norms), computed on first need
         self.routing = None
         self._wrap(model, targets)
 
@@ -263,8 +257,6 @@ class LoraBank:
                 parent, attr = get_submodule_parent(model, name)
                 self.layers[name] = BankedLinear(module, self, name)
                 setattr(parent, attr, self.layers[name])
-                if not isinstance(module, PackedLinear):  # packing comes later and hides the weight
-                    self.row_norms[name] = weight_row_norms(module)
                 self.shapes[name] = (module.out_features, module.in_features)
                 wrapped.append(name)
         if not wrapped:
@@ -420,19 +412,10 @@ class LoraBank:
                 slots.discard(slot)
 
     def _dora_norm(self, module: str, update: ModuleUpdate) -> torch.Tensor:
-        """``||W_i + s (B A)_i||`` for every output row ``i``, as DoRA (and PEFT) take it, from the
-        rows' squared norms, ``W A^T`` (the base layer run on the rows of ``A``, bias removed) and
-        ``B A``: the served base may be packed or quantized, with no dense weight to add to."""
-        base = self.layers[module].base_layer
-        if module not in self.row_norms:
-            self.row_norms[module] = weight_row_norms(base)
-        A, sB = update.A.float(), update.B.float() * update.scale
-        projected = base(A.to(self.dtype)).float()  # (r x out): A W^T + b
-        bias = getattr(base, "bias", None)
-        if bias is not None:
-            projected = projected - bias.float()
-        squared = self.row_norms[module] + 2 * (sB * projected.t()).sum(1) + (sB @ A).square().sum(1)
-        return squared.clamp_min(0).sqrt()
+        """``||W_i + s (B A)_i||`` for every output row ``i``, as DoRA (and PEFT) take it, against the
+        served base's weight (read back from oneDNN's layout where packed, dequantized where quantized)."""
+        W = dense_weight(self.layers[module].base_layer).float()
+        return torch.linalg.vector_norm(W + (update.B.float() * update.scale) @ update.A.float(), dim=1)
 
     # ---- the forward pass ----------------------------------------------------------------
 
