@@ -1,6 +1,7 @@
 """Multi-adapter serving on SmolLM2-135M: peftlab's engine beside HF PEFT, measured in one run.
 
     python benchmarks/serve.py static            # 16 prompts x 32 tokens: one adapter vs 16 distinct, peftlab and HF PEFT
+    python benchmarks/serve.py merged --alpha 2 --tokens 64   # 32 rows, power-law adapters: merged mode vs never merging
     python benchmarks/serve.py load --adapters 16 --rate 20 --requests 256 --prompt-tokens 8 32 --output-tokens 16 128 --max-batch 64
                                                  # Poisson overload: peftlab, peft-mixed, peft-swap
     python benchmarks/serve.py soak --minutes 10 --rate 22 --max-queue 64 --max-batch 64   # twice saturation: no crash, 429s, memory
@@ -79,8 +80,8 @@ def static(args) -> dict:
     names = list(paths)
 
     def make_engine(pack: bool):
-        model = load_cached_model().eval()
-        bank = LoraBank(model, max_loras=16, max_rank=16, base_fingerprint=fingerprint(model))
+        model = load_cached_model().eval()  # never merged here: the one-adapter row is the unmerged engine's
+        bank = LoraBank(model, max_loras=16, max_rank=16, base_fingerprint=fingerprint(model), merge_share=2.0)
         for name, path in paths.items():
             bank.register(name, path)
         return Engine(DecoderRunner(model, max_sequences=16, pack=pack), bank, tokenizer, [], max_batch=16)
@@ -141,6 +142,66 @@ def static(args) -> dict:
                                                                             outputs["peftlab_mixed_unpacked"])),
             "rows_differing_from_hf_peft_mixed": mismatched,
             "rows_differing_from_each_adapter_alone": differing_from_alone}
+
+
+# ---- merged: dLoRA's merged mode on a skewed batch -----------------------------------------------
+
+def merged(args) -> dict:
+    """One static batch whose adapters follow a power law (``--alpha``, 2 by default here: the most
+    popular of 16 adapters holds about 60% of the rows), served by two engines side by side: one
+    that merges the dominant adapter into the base (``--merge-share``) and one that never merges."""
+    import random
+
+    from peftlab.formats.io import fingerprint
+    from peftlab.models import load_tokenizer
+    from peftlab.serve.engine import Engine, Request
+    from peftlab.serve.lora_bank import LoraBank
+    from peftlab.serve.runner import DecoderRunner
+
+    torch.set_num_threads(args.threads)
+    paths = make_adapters(16)
+    tokenizer = load_tokenizer(str(cached_model_dir()))
+    rows = args.rows
+    batch = (prompts(tokenizer, rows) * 2)[:rows]
+    names = list(paths)
+    weights = [1 / (i + 1) ** args.alpha for i in range(len(names))]
+    adapters = random.Random(0).choices(names, weights=weights, k=rows)
+
+    def make_engine(share: float):
+        model = load_cached_model().eval()
+        bank = LoraBank(model, max_loras=16, max_rank=16, base_fingerprint=fingerprint(model), merge_share=share)
+        for name, path in paths.items():
+            bank.register(name, path)
+        return Engine(DecoderRunner(model, max_sequences=rows), bank, tokenizer, [], max_batch=rows)
+
+    engines = {"merging": make_engine(args.merge_share), "unmerged": make_engine(2.0)}
+
+    def run(engine):
+        requests = [Request(adapter=a, prompt_ids=ids, max_tokens=args.tokens, on_event=lambda e: None, temperature=0,
+                            ignore_eos=True) for a, ids in zip(adapters, batch)]
+        start = time.perf_counter()
+        for r in requests:
+            engine.submit(r)
+        while engine.busy():
+            engine.step()
+        return time.perf_counter() - start, [r.output_ids for r in requests]
+
+    times, outputs = {k: [] for k in engines}, {}
+    for engine in engines.values():  # warm-up: the merging engine ends it merged, as a server would stay
+        run(engine)
+    for _ in range(args.repeats):
+        for key, engine in engines.items():
+            seconds, outputs[key] = run(engine)
+            times[key].append(seconds)
+    median = {k: statistics.median(v) for k, v in times.items()}
+    top = max(set(adapters), key=adapters.count)
+    return {"rows": rows, "new_tokens": args.tokens, "alpha": args.alpha, "threads": args.threads, "repeats": args.repeats,
+            "dominant_share": adapters.count(top) / rows, "merge_share": args.merge_share,
+            "merges": engines["merging"].bank.stats["merges"], "unmerges": engines["merging"].bank.stats["unmerges"],
+            "seconds": median, "all_seconds": times,
+            "tokens_per_second": {k: rows * args.tokens / v for k, v in median.items()},
+            "merging_over_unmerged": median["merging"] / median["unmerged"],
+            "rows_differing": sum(a != b for a, b in zip(outputs["merging"], outputs["unmerged"]))}
 
 
 def single_adapter_outputs(paths: dict, batch: list, tokens: int, pad: int) -> list:
@@ -293,7 +354,7 @@ def _statuses(outcomes) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=("static", "load", "soak"))
+    parser.add_argument("mode", choices=("static", "merged", "load", "soak"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
@@ -311,10 +372,12 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10)
     parser.add_argument("--max-queue", type=int, default=64)
     parser.add_argument("--max-batch", type=int, default=32, help="running batch of every system")
+    parser.add_argument("--rows", type=int, default=32, help="merged: the static batch's rows")
+    parser.add_argument("--merge-share", type=float, default=0.6, help="merged: the merging engine's --merge-share")
     args = parser.parse_args()
     if args.mode == "soak":
         args.rate = args.rate[0]
-    print(json.dumps({"static": static, "load": load, "soak": soak}[args.mode](args), indent=1))
+    print(json.dumps({"static": static, "merged": merged, "load": load, "soak": soak}[args.mode](args), indent=1))
 
 
 if __name__ == "__main__":

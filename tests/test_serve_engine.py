@@ -22,7 +22,7 @@ import peftlab
 
 
 def make_engine(model, tokenizer, adapters: dict, fingerprint_of=None, **options):
-    bank_options = {k: options.pop(k) for k in ("max_loras", "max_cpu_loras", "max_rank") if k in options}
+    bank_options = {k: options.pop(k) for k in ("max_loras", "max_cpu_loras", "max_rank", "merge_share") if k in options}
     bank = LoraBank(model, base_fingerprint=fingerprint(fingerprint_of or model), **{"max_loras": 16, **bank_options})
     for name, path in adapters.items():
         bank.register(name, path)
@@ -214,6 +214,53 @@ def test_the_banks_dora_gain_and_ia3_scales_equal_the_methods_own_layers(tmp_pat
             expected = alone(torch.tensor([ids])).logits[0, -1]
         torch.testing.assert_close(served[0], expected, rtol=1e-4, atol=1e-4)
         bank.release(kind)
+
+
+def test_merged_mode_follows_the_dominant_adapter_and_answers_as_unmerged(tmp_path, monkeypatch):
+    """dLoRA's merged mode: while one adapter holds most of the batch it is merged into the base and
+    the other rows (other adapters, base rows) take its delta back off; when the mix shifts it is
+    unmerged (and another merged). Every answer equals its adapter alone, and the base comes back."""
+    import peftlab.serve.lora_bank as lora_bank
+
+    monkeypatch.setattr(lora_bank, "SWITCH_STEPS", 2)
+    model, tokenizer = tiny_lm()
+    base = copy.deepcopy(model)
+    paths = save_adapters(base, tmp_path, 3, r=4)
+    paths["dora"] = save_adapters(base, tmp_path / "dora", 1, spec=MIXED_KINDS["dora"])["a0"]
+    engine = make_engine(model, tokenizer, paths, merge_share=0.55)
+    weights = {n: m.base_layer.weight.to_dense().clone() for n, m in engine.bank.layers.items()}
+    waves = [["a0"] * 7 + ["a1", None], ["a2"] * 7 + ["a0", "dora"], ["dora"] * 6 + ["a1"]]
+    requests = []
+    for wave, names in enumerate(waves):  # the dominant adapter changes from wave to wave
+        batch = [Request(adapter=name, prompt_ids=ids, max_tokens=6 + i % 4, on_event=Collector(), temperature=0)
+                 for i, (name, ids) in enumerate(zip(names, prompts(len(names), seed=20 + wave)))]
+        run_all(engine, batch)
+        requests += batch
+    eos = [tokenizer.eos_token_id]
+    for r in requests:
+        folder = paths[r.adapter] if r.adapter else None
+        assert r.output_ids == greedy_alone(base, folder, r.prompt_ids, r.max_tokens, eos), r.adapter
+    bank = engine.bank
+    assert bank.stats["merges"] >= 2 and bank.stats["unmerges"] >= 1  # a0, then a2; never the DoRA adapter
+    bank.unmerge()
+    for name, W in weights.items():
+        torch.testing.assert_close(bank.layers[name].base_layer.weight.to_dense(), W, rtol=0, atol=1e-6)
+
+
+def test_a_merged_step_equals_the_unmerged_step(tmp_path):
+    model, tokenizer = tiny_lm()
+    paths = save_adapters(copy.deepcopy(model), tmp_path, 3, r=4)
+    engine = make_engine(model, tokenizer, paths, merge_share=2.0)  # never by itself
+    bank, batch = engine.bank, prompts(5, seed=3)
+    slots = [bank.acquire(name) for name in ("a0", "a0", "a1", None, "a2")]
+    rows = [s for s, ids in zip(slots, batch) for _ in ids]
+    bank.set_rows(rows)
+    unmerged = engine.runner.step([], [], batch)
+    bank.merge(slots[0])
+    bank.set_rows(rows)
+    torch.testing.assert_close(engine.runner.step([], [], batch), unmerged, rtol=1e-5, atol=1e-5)
+    bank.plan(rows)
+    assert bank.merged == slots[0]  # the rows stay a0's: merge_share 2 never merges, but never unmerges a0 either
 
 
 def test_requests_join_and_leave_at_every_step_without_recomputing_others(tmp_path):

@@ -20,7 +20,7 @@ def build_server(base: str, adapters: dict, *, max_loras: int = 16, max_cpu_lora
                  max_batch: int = 32, max_step_tokens: int = 2048, max_queue: int = 256, max_prompt_tokens: int = 1024,
                  max_tokens_limit: int = 512, keys: dict | None = None, adapter_root: str | None = None,
                  device: str = "cpu", model=None, tokenizer=None, drain_seconds: float = 60.0, engine: str = "peftlab",
-                 quantize: str | None = None):
+                 quantize: str | None = None, merge_share: float = 0.6):
     """(app, engine): the FastAPI app and its engine (started by the app's lifespan), with
     ``adapters`` (``{name: folder}``) registered and checked up front. ``engine`` is peftlab's
     continuous-batching engine, or a baseline over HF PEFT (``peft-mixed``, ``peft-swap``;
@@ -68,7 +68,7 @@ def build_server(base: str, adapters: dict, *, max_loras: int = 16, max_cpu_lora
                                    max_context=context, metrics=metrics, base_name=base_name)
     else:
         bank = LoraBank(model, max_loras=max_loras, max_cpu_loras=max_cpu_loras, max_rank=max_lora_rank,
-                        base_fingerprint=base_fingerprint)
+                        base_fingerprint=base_fingerprint, merge_share=merge_share)
         for name, folder in adapters.items():
             bank.register(name, folder)
         runner = DecoderRunner(model, max_sequences=max_batch, capacity=min(256, context))
@@ -111,6 +111,9 @@ def add_parsers(commands) -> None:
     serve.add_argument("--api-keys", metavar="FILE", help="JSON/YAML file mapping each key to the adapters it may use")
     serve.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     serve.add_argument("--device", default="cpu")
+    serve.add_argument("--merge-share", type=float, default=0.6,
+                       help="merge an adapter into the base while it holds this share of the batch's tokens (dLoRA); "
+                            "above 1: never")
     serve.add_argument("--quantize", choices=("nf4", "fp4", "int8", "int4"),
                        help="serve on a quantized base: the decoder's linear layers in this format (the head stays fp32)")
     serve.add_argument("--engine", default="peftlab", choices=("peftlab", "peft-mixed", "peft-swap"),
@@ -139,7 +142,7 @@ def run_serve(args) -> int:
         max_batch=args.max_batch, max_step_tokens=args.max_step_tokens, max_queue=args.max_queue,
         max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit,
         keys=read_keys(args.api_keys, args.api_key), adapter_root=args.adapter_root, device=args.device,
-        engine=args.engine, quantize=args.quantize)
+        engine=args.engine, quantize=args.quantize, merge_share=args.merge_share)
     serve_in_main_thread(app, engine, uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
                                                                     log_level="warning", timeout_graceful_shutdown=60)))
     return 0

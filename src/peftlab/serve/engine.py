@@ -286,7 +286,9 @@ class Engine(QueueingEngine):
         the cause, that step fails them too): None."""
         decoding = self.running[:len(self.running) - len(joining)]
         try:
-            self.bank.set_rows([r.lora_slot for r in decoding] + [r.lora_slot for r in joining for _ in r.prompt_ids])
+            rows = [r.lora_slot for r in decoding] + [r.lora_slot for r in joining for _ in r.prompt_ids]
+            self.bank.plan(rows)
+            self.bank.set_rows(rows)
             logits = self.runner.step([r.output_ids[-1] for r in decoding], [r.length for r in decoding],
                                       [r.prompt_ids for r in joining])
         except Exception as error:

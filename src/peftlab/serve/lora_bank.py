@@ -25,7 +25,7 @@ refused with the reason.
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +42,7 @@ from ..quant.layers import is_quantized
 from .runner import PackedLinear
 
 BASE_SLOT = 0
+SWITCH_STEPS = 32  # steps between two merged-mode switches (a switch rewrites every adapted weight)
 
 
 @dataclass
@@ -161,9 +162,16 @@ def _check_module(name: str, module: str, shapes: dict) -> None:
 
 
 class StepRouting(Routing):
-    """The batch rows' adapter slots, sorted and segmented once per step."""
+    """The batch rows' adapter slots, sorted and segmented once per step. With an adapter
+    ``merged`` into the base, its rows need no delta (they count as base rows here) and every other
+    row (``unmerged_rows``) takes the merged adapter's delta back off."""
 
-    def __init__(self, slots: list):
+    def __init__(self, slots: list, merged: int | None = None):
+        self.unmerged_rows = None
+        if merged is not None:
+            others = [i for i, s in enumerate(slots) if s != merged]
+            self.unmerged_rows = torch.tensor(others) if others else None
+            slots = [BASE_SLOT if s == merged else s for s in slots]
         super().__init__([None if s == BASE_SLOT else s for s in slots])
         self.slots = torch.tensor(slots)
         self.used = {s for s in slots if s != BASE_SLOT}
@@ -224,7 +232,9 @@ class BankedLinear(nn.Module):
 class LoraBank:
     def __init__(self, model: nn.Module, max_loras: int = 16, max_cpu_loras: int = 64, max_rank: int = 16,
                  targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-                 base_fingerprint: str | None = None):
+                 base_fingerprint: str | None = None, merge_share: float = 0.6):
+        if not isinstance(merge_share, (int, float)) or isinstance(merge_share, bool) or merge_share <= 0.5:
+            raise ConfigError(f"--merge-share must be a number above 0.5 (above 1: never merge), got {merge_share!r}")
         for name, value in (("max_loras", max_loras), ("max_cpu_loras", max_cpu_loras), ("max_lora_rank", max_rank)):
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
@@ -238,7 +248,10 @@ class LoraBank:
         self.slot_names = [None] * (max_loras + 1)  # slot -> adapter name (slot 0: the base)
         self.slot_of, self.refs = {}, {}
         self.slot_order = OrderedDict()  # resident names, least recently used first
-        self.stats = {"slot_hits": 0, "cpu_hits": 0, "disk_loads": 0, "slot_evictions": 0, "cpu_evictions": 0}
+        self.stats = {"slot_hits": 0, "cpu_hits": 0, "disk_loads": 0, "slot_evictions": 0, "cpu_evictions": 0,
+                      "merges": 0, "unmerges": 0}
+        self.merge_share = merge_share
+        self.merged, self.steps_since_switch = None, 0
         self.shapes, self.A, self.B, self.slots_with = {}, {}, {}, {}
         self.layers = {}  # module name -> its BankedLinear
         # per-slot feature scales, created for a module when a DoRA or (IA)^3 adapter first needs them
@@ -396,6 +409,8 @@ class LoraBank:
         return torch.zeros(self.max_loras + 1, *shape, dtype=self.dtype, device=self.device)
 
     def _clear(self, slot: int) -> None:
+        if slot == self.merged:
+            self.unmerge()
         for module, slots in self.slots_with.items():
             if slot in slots:
                 self.A[module][slot].zero_()
@@ -415,19 +430,87 @@ class LoraBank:
         """``||W_i + s (B A)_i||`` for every output row ``i``, as DoRA (and PEFT) take it, against the
         served base's weight (read back from oneDNN's layout where packed, dequantized where quantized)."""
         W = dense_weight(self.layers[module].base_layer).float()
+        if self.merged is not None and self.merged in self.slots_with.get(module, ()):  # the weight without it
+            W = W - self._merged_delta(module, self.merged).float()
         return torch.linalg.vector_norm(W + (update.B.float() * update.scale) @ update.A.float(), dim=1)
 
     # ---- the forward pass ----------------------------------------------------------------
 
     def set_rows(self, slots: list) -> None:
         """The slot of each row of the next forward pass, grouped once for every layer."""
-        self.routing = StepRouting(slots)
+        self.routing = StepRouting(slots, self.merged)
 
     def delta(self, key: str, x: torch.Tensor):
         routing = self.routing
-        if routing is None or not routing.used or key not in self.A or not (routing.used & self.slots_with[key]):
+        if routing is None or key not in self.A:
             return None
-        return lora_delta(x, self.A[key], self.B[key], routing)
+        own = lora_delta(x, self.A[key], self.B[key], routing) if routing.used & self.slots_with[key] else None
+        merged, rows = self.merged, routing.unmerged_rows
+        if merged is None or rows is None or merged not in self.slots_with[key]:
+            return own
+        rows = rows.to(x.device)
+        taken_back = x.index_select(0, rows) @ self.A[key][merged] @ self.B[key][merged]
+        if own is None:
+            own = torch.zeros(x.shape[:-1] + (taken_back.shape[-1],), dtype=x.dtype, device=x.device)
+        return own.index_add_(0, rows, taken_back, alpha=-1)
+
+    # ---- merged mode (dLoRA) ---------------------------------------------------------------
+
+    def plan(self, slots: list) -> None:
+        """dLoRA's switch (Wu et al., OSDI 2024), before a step whose rows have ``slots``: merge the
+        adapter that holds at least ``merge_share`` of the rows into the base, so its rows skip the
+        LoRA delta (the other rows take its delta back off), and unmerge when its share falls
+        below ``1 - merge_share``. A switch rewrites every adapted weight, so at most one happens
+        every ``SWITCH_STEPS`` steps. Only plain LoRA adapters on full-precision bases merge: a
+        gain (DoRA, (IA)^3) is not a delta, and a quantized base would round the merge."""
+        self.steps_since_switch += 1
+        if not slots or self.steps_since_switch < SWITCH_STEPS:
+            return
+        counts = Counter(s for s in slots if s != BASE_SLOT)
+        top, held = counts.most_common(1)[0] if counts else (None, 0)
+        if self.merged is not None and counts.get(self.merged, 0) < (1 - self.merge_share) * len(slots):
+            self.unmerge()
+        if self.merged is None and top is not None and held >= self.merge_share * len(slots) and self._mergeable(top):
+            self.merge(top)
+
+    def _mergeable(self, slot: int) -> bool:
+        if any(slot in slots for slots in (*self.slots_scaling_out.values(), *self.slots_scaling_in.values())):
+            return False
+        return all(type(self.layers[m].base_layer) in (nn.Linear, PackedLinear)
+                   for m, slots in self.slots_with.items() if slot in slots)
+
+    def merge(self, slot: int) -> None:
+        """Fold the LoRA in ``slot`` into the base weights (rounded to fp32 like any merge)."""
+        if self.merged == slot:
+            return
+        self.unmerge()
+        self._add_to_bases(slot, 1.0)
+        self.merged = slot
+        self.stats["merges"] += 1
+
+    def unmerge(self) -> None:
+        """Take the merged LoRA back out: ``(W + d) - d``, within an fp32 rounding of ``W``."""
+        if self.merged is None:
+            return
+        self._add_to_bases(self.merged, -1.0)
+        self.merged = None
+        self.stats["unmerges"] += 1
+
+    def _merged_delta(self, module: str, slot: int) -> torch.Tensor:
+        """The (out x in) update of ``slot``'s LoRA at ``module``: ``s B A``."""
+        return (self.A[module][slot] @ self.B[module][slot]).t()
+
+    @torch.inference_mode()
+    def _add_to_bases(self, slot: int, sign: float) -> None:
+        self.steps_since_switch = 0
+        for module, slots in self.slots_with.items():
+            if slot in slots:
+                base = self.layers[module].base_layer
+                delta = self._merged_delta(module, slot).mul_(sign)
+                if isinstance(base, PackedLinear):
+                    base.add_to_weight(delta)
+                else:
+                    base.weight.add_(delta.to(base.weight.dtype))
 
     def scale_input(self, key: str, x: torch.Tensor) -> torch.Tensor:
         """(IA)^3's feedforward scale on the input rows of the adapters that have one."""

@@ -69,8 +69,14 @@ class PackedLinear(nn.Module):
     def __init__(self, linear: nn.Linear, rows_hint: int = 64):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.rows_hint = rows_hint
         self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), rows_hint)
         self.bias = None if linear.bias is None else linear.bias.detach().clone()
+
+    @torch.inference_mode()
+    def add_to_weight(self, delta: torch.Tensor) -> None:
+        """``W += delta`` (out x in), through the plain layout and reordered again (merged serving)."""
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(self.weight.to_dense() + delta, self.rows_hint)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
