@@ -77,8 +77,8 @@ def run_cell(cell: dict) -> dict:
         result["majority"] = majority_share([row[task.label_key] for row in eval_rows])
     result["metric_name"] = task.metric
     result["metric"] = evaluate(model, tokenizer, task, held_out, eval_rows)
+    result["adapter_bytes"] = adapter_bytes(model, method)  # before latency, which may leave a twin merged
     result["latency"] = latency(model, method, held_out, task)
-    result["adapter_bytes"] = adapter_bytes(model, method)
     result["peak_rss_mb"] = peak_rss_mb()
     result["cell_seconds"] = round(time.perf_counter() - started, 2)
     return result
@@ -406,7 +406,10 @@ def latency(model, method: str, held_out, task: Task) -> dict:
             except NotImplementedError:  # peft's Poly, for one, cannot merge
                 return {"base": base, "adapted": adapted, "merged": None}
             merged = timed()
-            model.base_model.unmerge_adapter()
+            try:
+                model.base_model.unmerge_adapter()
+            except NotImplementedError:  # peft's OSF cannot unmerge; nothing uses the model after this
+                pass
         return {"base": base, "adapted": adapted, "merged": merged}
     with peftlab.disabled(model):
         base = timed()
