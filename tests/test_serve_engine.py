@@ -263,14 +263,72 @@ def test_a_merged_step_equals_the_unmerged_step(tmp_path):
     assert bank.merged == slots[0]  # the rows stay a0's: merge_share 2 never merges, but never unmerges a0 either
 
 
+def test_a_cached_prefix_written_into_a_slot_gives_the_full_prefills_logits():
+    model, _ = tiny_lm()
+    runner = DecoderRunner(model, max_sequences=4, capacity=8)
+    prompt = prompts(1, seed=5)[0] + prompts(1, seed=6)[0] + prompts(1, seed=7)[0]
+    whole = runner.step([], [], [prompt])
+    cached = runner.read(0, 0, 16)
+    runner.write(2, 0, cached)
+    runner.step([], [], [[9], [10], prompt[16:]], [0, 0, 16])  # two unrelated rows fill slots 0 and 1
+    part = runner.step([], [], [[9], [10], prompt[16:]], [0, 0, 16])
+    torch.testing.assert_close(part[2], whole[0], rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_caching_reuses_a_shared_prompt_start_per_adapter_and_answers_as_without(tmp_path):
+    """Requests that share a long system prompt under one adapter prefill only what follows it;
+    another adapter (or the base) never takes its keys and values; every answer equals the adapter
+    alone; an adapter loaded again under the same name starts afresh."""
+    from peftlab.serve.prefix_cache import PrefixCache
+
+    model, tokenizer = tiny_lm()
+    base = copy.deepcopy(model)
+    paths = save_adapters(base, tmp_path, 2, r=4)
+    engine = make_engine(model, tokenizer, paths, prefix_cache=PrefixCache(block_tokens=8, max_tokens=256))
+    system = [t for ids in prompts(4, seed=11) for t in ids][:40]  # 40 tokens: 5 blocks of 8
+    questions = prompts(6, seed=12)
+    names = ["a0", "a0", "a0", "a1", None, "a1"]
+    requests = []
+    for name, question in zip(names, questions):  # one at a time, so each finds what the last stored
+        request = Request(adapter=name, prompt_ids=system + question, max_tokens=5, on_event=Collector(), temperature=0)
+        run_all(engine, [request])
+        requests.append(request)
+    assert [r.cached for r in requests] == [0, 40, 40, 0, 0, 40]  # per adapter: the first computes, the rest reuse
+    eos = [tokenizer.eos_token_id]
+    for r in requests:
+        folder = paths[r.adapter] if r.adapter else None
+        assert r.output_ids == greedy_alone(base, folder, r.prompt_ids, r.max_tokens, eos), r.adapter
+    engine.bank.unregister("a1")
+    engine.bank.register("a1", paths["a0"])  # another adapter under an old name: nothing of the old one's is reused
+    again = Request(adapter="a1", prompt_ids=system + questions[0], max_tokens=5, on_event=Collector(), temperature=0)
+    run_all(engine, [again])
+    assert again.cached == 0 and again.output_ids == requests[0].output_ids  # a0's weights, computed afresh
+
+
+def test_the_prefix_store_keeps_its_bound_least_recently_used_first():
+    from peftlab.serve.prefix_cache import PrefixCache
+
+    cache = PrefixCache(block_tokens=2, max_tokens=6)  # three blocks
+    read = lambda start, stop: torch.full((1, 2, 1, stop - start, 1), float(start))  # noqa: E731
+    cache.store("a", [1, 2, 3, 4], 0, read)
+    cached, blocks = cache.lookup("a", [1, 2, 3, 4, 5])
+    assert cached == 4 and [float(b.flatten()[0]) for b in blocks] == [0.0, 2.0]
+    assert cache.lookup("b", [1, 2, 3, 4, 5])[0] == 0 and cache.lookup("a", [1, 2, 3, 4])[0] == 2  # the last token is computed
+    cache.store("a", [7, 8, 9, 9], 0, read)  # four blocks for three places: the least recently used goes
+    assert len(cache.blocks) == 3 and cache.stats["evicted_blocks"] == 1
+    assert cache.lookup("a", [1, 2, 3, 4, 5])[0] == 2  # [1, 2][3, 4] was used least recently: evicted; [1, 2] serves
+    with pytest.raises(ConfigError, match="prefix-cache-tokens"):
+        PrefixCache(max_tokens=-1)
+
+
 def test_requests_join_and_leave_at_every_step_without_recomputing_others(tmp_path):
     model, tokenizer = tiny_lm()
     paths = save_adapters(copy.deepcopy(model), tmp_path, 2)
     engine = make_engine(model, tokenizer, paths)
     steps = []  # (running tokens, prompt lengths) of each forward pass
     original = engine.runner.step
-    engine.runner.step = lambda tokens, lengths, new=(): steps.append((len(tokens), [len(p) for p in new])) or original(
-        tokens, lengths, new)
+    engine.runner.step = lambda tokens, lengths, new=(), offsets=None: steps.append(
+        (len(tokens), [len(p) for p in new])) or original(tokens, lengths, new, offsets)
     first = Request(adapter="a0", prompt_ids=[9, 10, 11], max_tokens=12, on_event=Collector(), temperature=0, ignore_eos=True)
     engine.submit(first)
     engine.step()
@@ -293,8 +351,8 @@ def test_a_step_admits_prompts_up_to_its_token_budget(tmp_path):
     engine = make_engine(model, tokenizer, save_adapters(copy.deepcopy(model), tmp_path, 1), max_step_tokens=5)
     admitted = []
     original = engine.runner.step
-    engine.runner.step = lambda tokens, lengths, new=(): admitted.append([len(p) for p in new]) or original(
-        tokens, lengths, new)
+    engine.runner.step = lambda tokens, lengths, new=(), offsets=None: admitted.append([len(p) for p in new]) or original(
+        tokens, lengths, new, offsets)
     for length in (7, 3, 2, 4):
         engine.submit(Request(adapter="a0", prompt_ids=list(range(9, 9 + length)), max_tokens=6, on_event=Collector(),
                               temperature=0, ignore_eos=True))
@@ -310,10 +368,10 @@ def test_a_step_whose_new_prompt_fails_turns_that_request_away_and_the_others_go
     engine = make_engine(model, tokenizer, paths)
     original = engine.runner.step
 
-    def failing_on_new_prompts(tokens, lengths, new=()):
+    def failing_on_new_prompts(tokens, lengths, new=(), offsets=None):
         if new and len(new[0]) == 5:
             raise RuntimeError("out of memory")
-        return original(tokens, lengths, new)
+        return original(tokens, lengths, new, offsets)
 
     engine.runner.step = failing_on_new_prompts
     running = Request(adapter="a0", prompt_ids=[9, 10, 11], max_tokens=8, on_event=Collector(), temperature=0,

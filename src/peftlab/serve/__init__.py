@@ -20,7 +20,7 @@ def build_server(base: str, adapters: dict, *, max_loras: int = 16, max_cpu_lora
                  max_batch: int = 32, max_step_tokens: int = 2048, max_queue: int = 256, max_prompt_tokens: int = 1024,
                  max_tokens_limit: int = 512, keys: dict | None = None, adapter_root: str | None = None,
                  device: str = "cpu", model=None, tokenizer=None, drain_seconds: float = 60.0, engine: str = "peftlab",
-                 quantize: str | None = None, merge_share: float = 0.6):
+                 quantize: str | None = None, merge_share: float = 0.6, prefix_cache_tokens: int = 2048):
     """(app, engine): the FastAPI app and its engine (started by the app's lifespan), with
     ``adapters`` (``{name: folder}``) registered and checked up front. ``engine`` is peftlab's
     continuous-batching engine, or a baseline over HF PEFT (``peft-mixed``, ``peft-swap``;
@@ -34,6 +34,7 @@ def build_server(base: str, adapters: dict, *, max_loras: int = 16, max_cpu_lora
     from .engine import Engine
     from .lora_bank import LoraBank
     from .metrics import ServerMetrics
+    from .prefix_cache import PrefixCache
     from .runner import DecoderRunner
 
     for flag, value in (("max-batch", max_batch), ("max-step-tokens", max_step_tokens), ("max-queue", max_queue),
@@ -72,8 +73,10 @@ def build_server(base: str, adapters: dict, *, max_loras: int = 16, max_cpu_lora
         for name, folder in adapters.items():
             bank.register(name, folder)
         runner = DecoderRunner(model, max_sequences=max_batch, capacity=min(256, context))
+        prefix = PrefixCache(max_tokens=prefix_cache_tokens) if prefix_cache_tokens else None
         server = Engine(runner, bank, tokenizer, stop_ids, max_batch=max_batch, max_step_tokens=max_step_tokens,
-                        max_queue=max_queue, max_context=context, metrics=metrics, base_name=base_name)
+                        max_queue=max_queue, max_context=context, metrics=metrics, base_name=base_name,
+                        prefix_cache=prefix)
     settings = Settings(base_name, keys=keys, adapter_root=adapter_root, max_prompt_tokens=max_prompt_tokens,
                         max_tokens_limit=max_tokens_limit, drain_seconds=drain_seconds)
     return create_app(server, settings, metrics), server
@@ -111,6 +114,8 @@ def add_parsers(commands) -> None:
     serve.add_argument("--api-keys", metavar="FILE", help="JSON/YAML file mapping each key to the adapters it may use")
     serve.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     serve.add_argument("--device", default="cpu")
+    serve.add_argument("--prefix-cache-tokens", type=int, default=2048,
+                       help="prompt positions whose keys and values are kept for requests that start alike (0: none)")
     serve.add_argument("--merge-share", type=float, default=0.6,
                        help="merge an adapter into the base while it holds this share of the batch's tokens (dLoRA); "
                             "above 1: never")
@@ -142,7 +147,8 @@ def run_serve(args) -> int:
         max_batch=args.max_batch, max_step_tokens=args.max_step_tokens, max_queue=args.max_queue,
         max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit,
         keys=read_keys(args.api_keys, args.api_key), adapter_root=args.adapter_root, device=args.device,
-        engine=args.engine, quantize=args.quantize, merge_share=args.merge_share)
+        engine=args.engine, quantize=args.quantize, merge_share=args.merge_share,
+        prefix_cache_tokens=args.prefix_cache_tokens)
     serve_in_main_thread(app, engine, uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
                                                                     log_level="warning", timeout_graceful_shutdown=60)))
     return 0

@@ -63,6 +63,8 @@ class Request:
     cancelled: bool = False
     lora_slot: int = 0
     length: int = 0  # positions in the cache
+    cached: int = 0  # prompt positions taken from the prefix cache
+    cached_blocks: list = field(default_factory=list)
     generator: torch.Generator | None = None
 
     def cancel(self) -> None:
@@ -205,10 +207,11 @@ class QueueingEngine:
 
 
 class Engine(QueueingEngine):
-    def __init__(self, runner, bank, tokenizer, stop_ids, max_step_tokens: int = 2048, **options):
+    def __init__(self, runner, bank, tokenizer, stop_ids, max_step_tokens: int = 2048, prefix_cache=None, **options):
         super().__init__(tokenizer, stop_ids, **options)
         self.runner, self.bank = runner, bank
         self.max_step_tokens = max_step_tokens
+        self.prefix = prefix_cache  # a PrefixCache, or None
 
     # ---- the loop --------------------------------------------------------------------------
 
@@ -254,7 +257,10 @@ class Engine(QueueingEngine):
         with self.condition:
             while self.queue and len(self.running) + len(joining) < self.max_batch:
                 request = self.queue[0]
-                if joining and tokens + len(request.prompt_ids) > self.max_step_tokens:
+                if self.prefix is not None:
+                    request.cached, request.cached_blocks = self.prefix.lookup(self.bank.key(request.adapter),
+                                                                               request.prompt_ids)
+                if joining and tokens + len(request.prompt_ids) - request.cached > self.max_step_tokens:
                     break
                 try:
                     slot = self.bank.acquire(request.adapter)
@@ -267,12 +273,16 @@ class Engine(QueueingEngine):
                     break
                 self.queue.popleft()
                 request.lora_slot, request.admitted = slot, time.perf_counter()
-                tokens += len(request.prompt_ids)
+                tokens += len(request.prompt_ids) - request.cached
                 joining.append(request)
+                if request.cached:
+                    self.prefix.stats["hit_tokens"] += request.cached
         for request in joining if self.metrics else ():
             label = request.adapter or self.base_name
             self.metrics.queue_time.observe(request.admitted - request.arrived, adapter=label)
-            self.metrics.prompt_tokens.inc(len(request.prompt_ids), adapter=label)
+            self.metrics.prompt_tokens.inc(len(request.prompt_ids) - request.cached, adapter=label)
+            if request.cached:
+                self.metrics.prefix_hits.inc(request.cached, adapter=label)
         self.running.extend(joining)
         return joining
 
@@ -285,12 +295,17 @@ class Engine(QueueingEngine):
         ones go on (nothing of theirs advanced, so the next step redoes their token; if they were
         the cause, that step fails them too): None."""
         decoding = self.running[:len(self.running) - len(joining)]
+        first = len(decoding)
         try:
-            rows = [r.lora_slot for r in decoding] + [r.lora_slot for r in joining for _ in r.prompt_ids]
+            for j, r in enumerate(joining):
+                if r.cached:  # the cached prefix goes into the slot; only the rest of the prompt is computed
+                    self.runner.write(first + j, 0, torch.cat(r.cached_blocks, dim=3))
+                r.cached_blocks = []
+            rows = [r.lora_slot for r in decoding] + [r.lora_slot for r in joining for _ in r.prompt_ids[r.cached:]]
             self.bank.plan(rows)
             self.bank.set_rows(rows)
             logits = self.runner.step([r.output_ids[-1] for r in decoding], [r.length for r in decoding],
-                                      [r.prompt_ids for r in joining])
+                                      [r.prompt_ids[r.cached:] for r in joining], [r.cached for r in joining])
         except Exception as error:
             if not joining:
                 raise
@@ -298,8 +313,13 @@ class Engine(QueueingEngine):
             return None
         for r in decoding:
             r.length += 1
-        for r in joining:
+        for j, r in enumerate(joining):
             r.length = len(r.prompt_ids)
+            if self.prefix is not None:
+                self.prefix.store(self.bank.key(r.adapter), r.prompt_ids, r.cached,
+                                  lambda start, stop, slot=first + j: self.runner.read(slot, start, stop))
+        if self.metrics and self.prefix is not None:
+            self.metrics.prefix_cached.set(self.prefix.cached_tokens())
         return logits
 
     def _turn_away(self, first: int, error: Exception) -> None:

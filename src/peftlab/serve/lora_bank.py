@@ -24,6 +24,7 @@ refused with the reason.
 """
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
@@ -244,6 +245,7 @@ class LoraBank:
         self.base_fingerprint = base_fingerprint
         self.lock = threading.RLock()
         self.paths = {}  # registered adapter name -> folder
+        self.registrations, self.registered = {}, itertools.count()  # name -> its registration's number (see key)
         self.cpu = OrderedDict()  # name -> LoraWeights, least recently used first
         self.slot_names = [None] * (max_loras + 1)  # slot -> adapter name (slot 0: the base)
         self.slot_of, self.refs = {}, {}
@@ -287,8 +289,14 @@ class LoraBank:
             if name in self.paths:
                 raise ConfigError(f"an adapter named {name!r} is already loaded; unload it first or pick another name")
             self.paths[name] = str(path)
+            self.registrations[name] = next(self.registered)
             self._cache(weights)
         return weights
+
+    def key(self, name: str | None) -> str:
+        """What an adapter's computed keys and values are filed under (the prefix cache): its name and
+        its registration, so an adapter loaded again under an old name is a different key."""
+        return "" if name is None else f"{name}#{self.registrations.get(name)}"
 
     def unregister(self, name: str) -> None:
         with self.lock:
@@ -368,7 +376,7 @@ class LoraBank:
             self.cpu.popitem(last=False)
             self.stats["cpu_evictions"] += 1
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def _fill(self, slot: int, weights: LoraWeights) -> None:
         self._clear(slot)
         for module, update in weights.modules.items():
@@ -500,7 +508,7 @@ class LoraBank:
         """The (out x in) update of ``slot``'s LoRA at ``module``: ``s B A``."""
         return (self.A[module][slot] @ self.B[module][slot]).t()
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def _add_to_bases(self, slot: int, sign: float) -> None:
         self.steps_since_switch = 0
         for module, slots in self.slots_with.items():

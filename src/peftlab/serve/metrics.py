@@ -71,6 +71,9 @@ class ServerMetrics:
         self.requests = Metric("peftlab_requests_total", "Requests finished, by adapter and outcome", "counter")
         self.rejected = Metric("peftlab_requests_rejected_total", "Requests refused before running, by reason", "counter")
         self.prompt_tokens = Metric("peftlab_prompt_tokens_total", "Prompt tokens prefilled, by adapter", "counter")
+        self.prefix_hits = Metric("peftlab_prefix_cache_hit_tokens_total", "Prompt tokens whose keys and values came "
+                                  "from the prefix cache instead of being prefilled, by adapter", "counter")
+        self.prefix_cached = Metric("peftlab_prefix_cache_tokens", "Positions held by the prefix cache", "gauge")
         self.output_tokens = Metric("peftlab_generation_tokens_total", "Tokens generated, by adapter", "counter")
         self.queue_time = Metric("peftlab_queue_time_seconds", "Time from arrival to the first scheduled step",
                                  "histogram", LATENCY_BUCKETS)
@@ -86,8 +89,9 @@ class ServerMetrics:
                                                              "in use, registered", "gauge")
         self.running = Metric("peftlab_running_requests", "Requests in the running batch", "gauge")
         self.waiting = Metric("peftlab_waiting_requests", "Requests in the queue", "gauge")
-        self.all = [self.requests, self.rejected, self.prompt_tokens, self.output_tokens, self.queue_time, self.ttft,
-                    self.tpot, self.e2e, self.cache, self.residency, self.running, self.waiting]
+        self.all = [self.requests, self.rejected, self.prompt_tokens, self.prefix_hits, self.prefix_cached,
+                    self.output_tokens, self.queue_time, self.ttft, self.tpot, self.e2e, self.cache, self.residency,
+                    self.running, self.waiting]
 
     def render(self, bank=None) -> str:
         if bank is not None:

@@ -49,9 +49,10 @@ class _Layout:
     span: int  # cache positions the running tokens attend over
     running_mask: torch.Tensor  # (running, 1, 1, span) additive
     new: int  # new sequences, in slots running .. running + new - 1
-    width: int  # their longest prompt
+    width: int  # their longest prompt (the part computed in this step)
+    new_span: int  # cache positions their tokens attend over (a cached prefix, then the prompt)
     scatter: torch.Tensor  # prompt token -> its place in the (new * width) padded grid
-    new_mask: torch.Tensor  # (new, 1, groups * width, width) additive: causal, within the prompt
+    new_mask: torch.Tensor  # (new, 1, groups * width, new_span) additive: causal, over the prefix and the prompt
     slots: torch.Tensor  # (tokens,) the cache slot each token writes
     positions: torch.Tensor  # (tokens,) its position there
     last: torch.Tensor  # the token whose logits each sequence needs: running ones, then prompts' ends
@@ -172,14 +173,30 @@ class DecoderRunner:
     # ---- a step --------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def step(self, tokens: list, lengths: list, prompts: list = ()) -> torch.Tensor:
+    def read(self, slot: int, start: int, stop: int) -> torch.Tensor:
+        """The keys and values of positions ``start..stop-1`` of ``slot``: (layers, 2, kv_heads, positions, head_dim)."""
+        return torch.stack([torch.stack((k[slot, :, start:stop], v[slot, :, start:stop]))
+                            for k, v in zip(self.keys, self.values)])
+
+    @torch.inference_mode()
+    def write(self, slot: int, start: int, cached: torch.Tensor) -> None:
+        """Put ``cached`` (as ``read`` gives it) at positions ``start..`` of ``slot``."""
+        stop = start + cached.shape[3]
+        self._grow(stop)
+        for layer, (k, v) in enumerate(zip(self.keys, self.values)):
+            k[slot, :, start:stop] = cached[layer, 0]
+            v[slot, :, start:stop] = cached[layer, 1]
+
+    @torch.inference_mode()
+    def step(self, tokens: list, lengths: list, prompts: list = (), offsets: list | None = None) -> torch.Tensor:
         """One forward pass: the next token of each running sequence (``tokens[i]`` in slot ``i``,
-        after ``lengths[i]`` cached positions) and the whole prompt of each new sequence (slots
-        ``len(tokens), ...``). Returns the (running + new, vocab) next-token logits, running
-        sequences first."""
+        after ``lengths[i]`` cached positions) and the prompt of each new sequence (slots
+        ``len(tokens), ...``), whose first ``offsets[j]`` positions may already be in its slot (a
+        cached prefix, ``write``), so ``prompts[j]`` is the rest. Returns the (running + new, vocab)
+        next-token logits, running sequences first."""
         if len(tokens) + len(prompts) > self.max_sequences:
             raise ValueError(f"{len(tokens) + len(prompts)} sequences do not fit {self.max_sequences} cache slots")
-        layout = self._layout(lengths, [len(ids) for ids in prompts])
+        layout = self._layout(lengths, [len(ids) for ids in prompts], offsets or [0] * len(prompts))
         ids = torch.tensor(list(tokens) + [t for ids in prompts for t in ids], device=self.device)
         x = self.decoder.embed_tokens(ids[:, None])  # (tokens, 1, hidden): each token its own row
         cos, sin = self.decoder.rotary_emb(x, layout.positions[None])
@@ -190,24 +207,27 @@ class DecoderRunner:
         hidden = self.decoder.norm(x[layout.last, 0])
         return self.model.lm_head(hidden).float()
 
-    def _layout(self, lengths: list, prompt_lengths: list) -> _Layout:
+    def _layout(self, lengths: list, prompt_lengths: list, offsets: list) -> _Layout:
         device, running, new = self.device, len(lengths), len(prompt_lengths)
         span = max(lengths, default=0) + 1
         width = max(prompt_lengths, default=0)
-        self._grow(max(span, width + 1))
+        new_span = max((o + n for o, n in zip(offsets, prompt_lengths)), default=0)
+        self._grow(max(span, new_span + 1))
         at = torch.tensor(lengths, dtype=torch.long, device=device)
         running_mask = _additive(torch.arange(span, device=device)[None] <= at[:, None], self.dtype)[:, None, None]
         sizes = torch.tensor(prompt_lengths, dtype=torch.long, device=device)
         sequence = torch.repeat_interleave(torch.arange(new, device=device), sizes)
         offset = torch.arange(len(sequence), device=device) - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
-        grid = torch.arange(width, device=device)
-        visible = (grid[None, :] <= grid[:, None])[None] & (grid[None, None, :] < sizes[:, None, None])
+        start = torch.tensor(offsets, dtype=torch.long, device=device)
+        query = start[:, None] + torch.arange(width, device=device)[None]  # (new, width): each query's position
+        keys = torch.arange(new_span, device=device)
+        visible = (keys[None, None, :] <= query[:, :, None]) & (keys[None, None, :] < (start + sizes)[:, None, None])
         new_mask = _additive(visible, self.dtype).repeat(1, self.groups, 1)[:, None]
         return _Layout(
-            running=running, span=span, running_mask=running_mask, new=new, width=width,
+            running=running, span=span, running_mask=running_mask, new=new, width=width, new_span=new_span,
             scatter=sequence * width + offset, new_mask=new_mask,
             slots=torch.cat([torch.arange(running, device=device), running + sequence]),
-            positions=torch.cat([at, offset]),
+            positions=torch.cat([at, torch.repeat_interleave(start, sizes) + offset]),
             last=torch.cat([torch.arange(running, device=device), running + torch.cumsum(sizes, 0) - 1]))
 
     def _attention(self, i, layer, x, cos, sin, layout: _Layout) -> torch.Tensor:
@@ -233,7 +253,8 @@ class DecoderRunner:
             grouped = padded.view(m, width, self.heads, self.head_dim).transpose(1, 2).reshape(
                 m, self.kv_heads, self.groups * width, self.head_dim)
             slots = slice(n, n + m)
-            result = self._attend(grouped, keys[slots, :, :width], values[slots, :, :width], layout.new_mask)
+            result = self._attend(grouped, keys[slots, :, :layout.new_span], values[slots, :, :layout.new_span],
+                                  layout.new_mask)
             result = result.reshape(m, self.heads, width, self.head_dim).transpose(1, 2).reshape(m * width, self.heads,
                                                                                               self.head_dim)
             out[n:] = result[layout.scatter]
