@@ -2,6 +2,7 @@
 
     python benchmarks/serve.py static            # 16 prompts x 32 tokens: one adapter vs 16 distinct, peftlab and HF PEFT
     python benchmarks/serve.py merged --alpha 2 --tokens 64   # 32 rows, power-law adapters: merged mode vs never merging
+    python benchmarks/serve.py prefix --requests 24 --tokens 8 # a shared 256-token system prompt: TTFT with and without the prefix cache
     python benchmarks/serve.py load --adapters 16 --rate 20 --requests 256 --prompt-tokens 8 32 --output-tokens 16 128 --max-batch 64
                                                  # Poisson overload: peftlab, peft-mixed, peft-swap
     python benchmarks/serve.py soak --minutes 10 --rate 22 --max-queue 64 --max-batch 64   # twice saturation: no crash, 429s, memory
@@ -204,6 +205,53 @@ def merged(args) -> dict:
             "rows_differing": sum(a != b for a, b in zip(outputs["merging"], outputs["unmerged"]))}
 
 
+# ---- prefix: a shared system prompt, with and without the prefix cache -------------------------
+
+def prefix(args) -> dict:
+    """Requests that share one system prompt (``--system-tokens``, 256 by default) under one adapter,
+    each with its own question, arriving one after another; two engines side by side, one with the
+    prefix cache and one without. Time to first token is measured from submission."""
+    from peftlab.formats.io import fingerprint
+    from peftlab.models import load_tokenizer
+    from peftlab.serve.engine import Engine, Request
+    from peftlab.serve.lora_bank import LoraBank
+    from peftlab.serve.prefix_cache import PrefixCache
+    from peftlab.serve.runner import DecoderRunner
+
+    torch.set_num_threads(args.threads)
+    paths = make_adapters(1)
+    tokenizer = load_tokenizer(str(cached_model_dir()))
+    questions = prompts(tokenizer, args.requests)
+    system = [t for ids in prompts(tokenizer, 64) for t in ids][:args.system_tokens]
+
+    def make_engine(cache: bool):
+        model = load_cached_model().eval()
+        bank = LoraBank(model, max_loras=1, max_rank=16, base_fingerprint=fingerprint(model), merge_share=2.0)
+        bank.register("a0", paths["a0"])
+        return Engine(DecoderRunner(model, max_sequences=4), bank, tokenizer, [], max_batch=4,
+                      prefix_cache=PrefixCache(max_tokens=4096) if cache else None)
+
+    engines = {"prefix_cache": make_engine(True), "no_cache": make_engine(False)}
+    ttft, outputs = {k: [] for k in engines}, {k: [] for k in engines}
+    for i, question in enumerate(questions):
+        for key, engine in engines.items():
+            request = Request(adapter="a0", prompt_ids=system + question, max_tokens=args.tokens, on_event=lambda e: None,
+                              temperature=0, ignore_eos=True)
+            engine.submit(request)
+            while engine.busy():
+                engine.step()
+            if i:  # the first request fills the cache; it is the same cold start for both
+                ttft[key].append(request.first_token - request.arrived)
+            outputs[key].append(request.output_ids)
+    p50 = {k: statistics.median(v) for k, v in ttft.items()}
+    return {"requests": args.requests, "system_tokens": len(system), "new_tokens": args.tokens, "threads": args.threads,
+            "prompt_tokens_mean": statistics.mean(len(system) + len(q) for q in questions),
+            "prefill_tokens_saved": engines["prefix_cache"].prefix.stats["hit_tokens"],
+            "ttft_p50_seconds": p50, "ttft_seconds": ttft,
+            "no_cache_over_prefix_cache_ttft_p50": p50["no_cache"] / p50["prefix_cache"],
+            "rows_differing": sum(a != b for a, b in zip(outputs["prefix_cache"], outputs["no_cache"]))}
+
+
 def single_adapter_outputs(paths: dict, batch: list, tokens: int, pad: int) -> list:
     """Row i through adapter i alone: peftlab's model with only that adapter active, HF generate."""
     import peftlab
@@ -354,7 +402,7 @@ def _statuses(outcomes) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=("static", "merged", "load", "soak"))
+    parser.add_argument("mode", choices=("static", "merged", "prefix", "load", "soak"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
@@ -374,10 +422,12 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=32, help="running batch of every system")
     parser.add_argument("--rows", type=int, default=32, help="merged: the static batch's rows")
     parser.add_argument("--merge-share", type=float, default=0.6, help="merged: the merging engine's --merge-share")
+    parser.add_argument("--system-tokens", type=int, default=256, help="prefix: the shared system prompt's length")
     args = parser.parse_args()
     if args.mode == "soak":
         args.rate = args.rate[0]
-    print(json.dumps({"static": static, "merged": merged, "load": load, "soak": soak}[args.mode](args), indent=1))
+    modes = {"static": static, "merged": merged, "prefix": prefix, "load": load, "soak": soak}
+    print(json.dumps(modes[args.mode](args), indent=1))
 
 
 if __name__ == "__main__":
