@@ -35,19 +35,20 @@ def batches(task, tokenizer, count: int, batch_size: int) -> list[dict]:
     return [data.collate([data[i] for i in range(k * batch_size, (k + 1) * batch_size)]) for k in range(count)]
 
 
-def build(method: str, task, twin: bool):
+def build(method: str, task, twin: bool, token_rows=()):
     import peftlab
-    from peftlab.bench.cell import hf_twin
+    from peftlab.bench.cell import hf_twin, task_spec
     from peftlab.core.adapters import build_configs, train_new_head
     from peftlab.models import load_model
 
     torch.manual_seed(0)
     model, _ = load_model(task.model, task="sequence-classification", num_labels=2, device="cpu")
     torch.manual_seed(0)
+    spec = task_spec(method, token_rows)
     if twin:
-        model = hf_twin(model, method, task)
+        model = hf_twin(model, method, task, spec)
     else:
-        peftlab.attach(model, train_new_head(build_configs(method), model))
+        peftlab.attach(model, train_new_head(build_configs(spec or method), model))
     model.train()
     from peftlab.bench.grid import learning_rate
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate(method, task))
@@ -68,7 +69,8 @@ def timed_steps(model, optimizer, data: list[dict], steps: int, start: int) -> l
 
 
 def measure(method: str, task, data: list[dict], steps: int, rounds: int) -> dict:
-    ours, twin = build(method, task, twin=False), build(method, task, twin=True)
+    rows = [ids[mask.bool()].tolist() for batch in data for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    ours, twin = build(method, task, twin=False, token_rows=rows), build(method, task, twin=True, token_rows=rows)
     for model, optimizer in (ours, twin):  # warm-up: allocator, oneDNN primitives, lazy state
         timed_steps(model, optimizer, data, 2, 0)
     times = {"peftlab": [], "hf_peft": []}

@@ -135,3 +135,15 @@ def test_a_small_real_grid_runs_resumes_and_reports(tmp_path):
     assert (out / "sst2_metric_vs_params.png").stat().st_size > 1000
     assert "Majority-class baseline: 0." in text and 0.4 < rows[0]["majority"] < 0.7
     assert "| `lora` | " in text.split("#### Checks")[1]  # the twin comparison row
+
+
+def test_trainable_tokens_trains_the_tasks_most_frequent_tokens():
+    """The one method whose settings come from the task: the rows of its most frequent token ids."""
+    from peftlab.bench.cell import FREQUENT_TOKENS, task_spec
+    from peftlab.core.adapters import build_configs
+
+    rows = [[5, 9, 9, 7], [9, 5, 2], list(range(100, 160))]
+    spec = task_spec("trainable_tokens", rows)
+    ids = build_configs(spec)[0].token_indices
+    assert len(ids) == FREQUENT_TOKENS and {5, 9} <= set(ids) and list(ids) == sorted(ids)
+    assert task_spec("lora", rows) is None

@@ -17,6 +17,7 @@ import tempfile
 import time
 import traceback
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -50,13 +51,14 @@ def run_cell(cell: dict) -> dict:
     total = sum(p.numel() for p in model.parameters())
 
     torch.manual_seed(seed)  # the adapter's random init
+    spec = task_spec(method.removeprefix(HF), (example["input_ids"] for example in data.examples))
     if method == FULL:
         for p in model.parameters():
             p.requires_grad_(True)
     elif method.startswith(HF):
-        model = hf_twin(model, method.removeprefix(HF), task)
+        model = hf_twin(model, method.removeprefix(HF), task, spec)
     else:
-        peftlab.attach(model, train_new_head(build_configs(method), model) if classify else method)
+        peftlab.attach(model, train_new_head(build_configs(spec or method), model) if classify else spec or method)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
     steps = task.total_steps
@@ -82,6 +84,20 @@ def run_cell(cell: dict) -> dict:
     result["peak_rss_mb"] = peak_rss_mb()
     result["cell_seconds"] = round(time.perf_counter() - started, 2)
     return result
+
+
+FREQUENT_TOKENS = 32
+
+
+def task_spec(method: str, token_rows) -> str | None:
+    """The spec of a method whose settings come from the task's training tokens (``token_rows``, one
+    list of ids a row), else None (its defaults): trainable tokens trains the rows of the task's
+    ``FREQUENT_TOKENS`` most frequent token ids, as a run that adapts a vocabulary to a domain would."""
+    if method != "trainable_tokens":
+        return None
+    counts = Counter(t for ids in token_rows for t in ids)
+    ids = sorted(t for t, _ in counts.most_common(FREQUENT_TOKENS))
+    return f"trainable_tokens[token_indices=[{','.join(map(str, ids))}]]"
 
 
 def datasets(task: Task, tokenizer, train_rows, eval_rows, label2id):

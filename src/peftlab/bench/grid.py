@@ -58,6 +58,7 @@ TWINS = (  # methods with an HF PEFT twin (bench/cell.py hf_twin), one a line
     "poly",
     "multitask_prompt",
     "cpt",
+    "trainable_tokens",
     "beft",
     "osf",
     "pvera",
@@ -75,7 +76,6 @@ TWINS = (  # methods with an HF PEFT twin (bench/cell.py hf_twin), one a line
 )
 SKIPPED = {"fusion": "fuses adapters that must be trained first; benchmark it from trained adapters",
            "mera": "merges bottleneck adapters that must be trained first; benchmark it from trained adapters",
-           "trainable_tokens": "trains the rows of token ids it is given (new tokens); a task has no such ids by default",
            "spot": "starts from a source task's trained prompt; benchmark it from trained source prompts"}
 CHOICES = ("quick", "full")
 
