@@ -65,12 +65,27 @@ def prompts(tokenizer, count: int) -> list:
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
+def run_batch(engine, adapters: list, batch: list, tokens: int) -> tuple[float, list]:
+    """(seconds, greedy outputs) of one static batch through an in-process engine: ``batch[i]``
+    under ``adapters[i]``, ``tokens`` new tokens each."""
+    from peftlab.serve.engine import Request
+
+    requests = [Request(adapter=a, prompt_ids=ids, max_tokens=tokens, on_event=lambda e: None, temperature=0,
+                        ignore_eos=True) for a, ids in zip(adapters, batch)]
+    start = time.perf_counter()
+    for r in requests:
+        engine.submit(r)
+    while engine.busy():
+        engine.step()
+    return time.perf_counter() - start, [r.output_ids for r in requests]
+
+
 # ---- static: one batch, one adapter vs many ---------------------------------------------------
 
 def static(args) -> dict:
     from peftlab.formats.io import fingerprint
     from peftlab.models import load_tokenizer
-    from peftlab.serve.engine import Engine, Request
+    from peftlab.serve.engine import Engine
     from peftlab.serve.lora_bank import LoraBank
     from peftlab.serve.runner import DecoderRunner
 
@@ -90,14 +105,7 @@ def static(args) -> dict:
     engine, unpacked = make_engine(True), make_engine(False)  # unpacked: torch's own F.linear for the base layers
 
     def peftlab_run(adapters, engine=engine):
-        requests = [Request(adapter=a, prompt_ids=ids, max_tokens=args.tokens, on_event=lambda e: None, temperature=0,
-                            ignore_eos=True) for a, ids in zip(adapters, batch)]
-        start = time.perf_counter()
-        for r in requests:
-            engine.submit(r)
-        while engine.busy():
-            engine.step()
-        return time.perf_counter() - start, [r.output_ids for r in requests]
+        return run_batch(engine, adapters, batch, args.tokens)
 
     from peft import PeftModel
 
@@ -155,7 +163,7 @@ def merged(args) -> dict:
 
     from peftlab.formats.io import fingerprint
     from peftlab.models import load_tokenizer
-    from peftlab.serve.engine import Engine, Request
+    from peftlab.serve.engine import Engine
     from peftlab.serve.lora_bank import LoraBank
     from peftlab.serve.runner import DecoderRunner
 
@@ -178,14 +186,7 @@ def merged(args) -> dict:
     engines = {"merging": make_engine(args.merge_share), "unmerged": make_engine(2.0)}
 
     def run(engine):
-        requests = [Request(adapter=a, prompt_ids=ids, max_tokens=args.tokens, on_event=lambda e: None, temperature=0,
-                            ignore_eos=True) for a, ids in zip(adapters, batch)]
-        start = time.perf_counter()
-        for r in requests:
-            engine.submit(r)
-        while engine.busy():
-            engine.step()
-        return time.perf_counter() - start, [r.output_ids for r in requests]
+        return run_batch(engine, adapters, batch, args.tokens)
 
     times, outputs = {k: [] for k in engines}, {}
     for engine in engines.values():  # warm-up: the merging engine ends it merged, as a server would stay
