@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import resource
 import statistics
 import sys
@@ -349,7 +350,14 @@ def hf_twin(model, method: str, task: Task, spec: str | None = None):
         raise ValueError(f"no HF PEFT twin for {method}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return peft.get_peft_model(model, twin)
+        model = peft.get_peft_model(model, twin)
+    if method == "trainable_tokens" and task.kind == "classification":
+        # peft's TRAINABLE_TOKENS takes no modules_to_save, so the new head would stay at its random init; it
+        # trains in place, as peftlab's does
+        for name, parameter in model.named_parameters():
+            if re.search(r"\.(classifier|score)\.", name):
+                parameter.requires_grad_(True)
+    return model
 
 
 def twin_step(model, method: str):
