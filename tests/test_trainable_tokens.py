@@ -252,11 +252,13 @@ def test_quantized_embeddings_are_refused_clearly():
         peftlab.attach(model, SPEC)
 
 
-def test_the_benchmark_skips_it_without_token_ids():
+def test_the_benchmark_runs_it_beside_its_twin_on_the_tasks_frequent_tokens():
+    """(The token ids come from the task: tests/test_bench.py checks bench.cell.task_spec.)"""
     from peftlab.bench import grid
     from peftlab.bench.tasks import TASKS
 
-    assert "token ids" in grid.skip_reason(grid.Cell(TASKS["sst2"], "trainable_tokens", 0))
+    assert grid.skip_reason(grid.Cell(TASKS["sst2"], "trainable_tokens", 0)) is None
+    assert "trainable_tokens" in grid.TWINS
 
 
 def test_the_padding_row_gets_no_gradient_as_in_an_embedding():
