@@ -10,10 +10,6 @@ from pathlib import Path
 
 from ..errors import PeftlabError
 
-# ---------------------------------------------------------------------------------------------
-# info
-
-
 SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
                            "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 

@@ -212,7 +212,7 @@ def merged_difference(module_name: str, base: nn.Module, adapter: nn.Module, nam
         if moved_bias is not None and (bias is None or not torch.equal(bias, moved_bias)):
             raise ConfigError(f"adapter {name!r} ({type(adapter).__name__}) also changes the bias of {module_name}, which a "
                               "plain LoRA cannot carry; merge it into the base (peftlab merge) instead of combining it")
-        return (base_weight(merged) - base_weight(base)).detach().clone()
+        return (base_weight(merged) - base_weight(base)).detach()
     finally:
         adapter.unmerge(merged)  # adapters that keep state while merged (a pre-merge copy) drop it
 

@@ -300,7 +300,7 @@ def create_app(engine, settings: Settings, metrics) -> FastAPI:
 
     @app.get("/metrics")
     async def prometheus():
-        return PlainTextResponse(metrics.render(bank), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(metrics.render(bank, getattr(engine, "prefix", None)), media_type="text/plain; version=0.0.4")
 
     return app
 

@@ -318,8 +318,6 @@ class Engine(QueueingEngine):
             if self.prefix is not None:
                 self.prefix.store(self.bank.key(r.adapter), r.prompt_ids, r.cached,
                                   lambda start, stop, slot=first + j: self.runner.read(slot, start, stop))
-        if self.metrics and self.prefix is not None:
-            self.metrics.prefix_cached.set(self.prefix.cached_tokens())
         return logits
 
     def _turn_away(self, first: int, error: Exception) -> None:

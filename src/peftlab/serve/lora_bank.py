@@ -472,7 +472,7 @@ class LoraBank:
         every ``SWITCH_STEPS`` steps. Only plain LoRA adapters on full-precision bases merge: a
         gain (DoRA, (IA)^3) is not a delta, and a quantized base would round the merge."""
         self.steps_since_switch += 1
-        if not slots or self.steps_since_switch < SWITCH_STEPS:
+        if not slots or self.steps_since_switch < SWITCH_STEPS or (self.merged is None and self.merge_share > 1):
             return
         counts = Counter(s for s in slots if s != BASE_SLOT)
         top, held = counts.most_common(1)[0] if counts else (None, 0)

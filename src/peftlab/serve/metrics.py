@@ -93,7 +93,7 @@ class ServerMetrics:
                     self.output_tokens, self.queue_time, self.ttft, self.tpot, self.e2e, self.cache, self.residency,
                     self.running, self.waiting]
 
-    def render(self, bank=None) -> str:
+    def render(self, bank=None, prefix=None) -> str:
         if bank is not None:
             for level, value in bank.residency().items():
                 self.residency.set(value, level=level)
@@ -101,4 +101,6 @@ class ServerMetrics:
                 stats = dict(bank.stats)
             for kind in ("slot_hits", "cpu_hits", "disk_loads"):
                 self.cache.set(stats[kind], result=kind)
+        if prefix is not None:
+            self.prefix_cached.set(prefix.cached_tokens())
         return "\n".join(line for metric in self.all for line in metric.render()) + "\n"
