@@ -113,7 +113,7 @@ def test_results_file_skips_finished_cells_and_survives_a_torn_line(tmp_path):
 @pytest.mark.skipif(not (SHARED / "sst2" / "dev.tsv").exists(), reason="needs ../shared/data/sst2")
 def test_a_small_real_grid_runs_resumes_and_reports(tmp_path):
     results, out = tmp_path / "results.jsonl", tmp_path / "report"
-    command = [sys.executable, "-m", "peftlab.cli", "bench", "--task", "sst2", "--method", "lora", "--method", "hf:lora",
+    command = [sys.executable, "-m", "peftlab", "bench", "--task", "sst2", "--method", "lora", "--method", "hf:lora",
                "--seeds", "0", "--set", "train_rows=64", "--set", "eval_rows=64", "--results", str(results)]
     first = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr
@@ -127,7 +127,7 @@ def test_a_small_real_grid_runs_resumes_and_reports(tmp_path):
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "2 already in" in again.stdout
     assert len(results.read_text().splitlines()) == 2
-    made = subprocess.run([sys.executable, "-m", "peftlab.cli", "bench", "report", "--results", str(results),
+    made = subprocess.run([sys.executable, "-m", "peftlab", "bench", "report", "--results", str(results),
                            "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert made.returncode == 0, made.stderr
     text = (out / "report.md").read_text()
