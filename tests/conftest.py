@@ -257,3 +257,12 @@ def assert_config_edit_is_a_format_error(folder, config: dict, edit: dict, match
     with pytest.raises(error or peftlab.AdapterFormatError, match=match):
         peftlab.load(fresh, folder)
     assert not [m for m in fresh.modules() if isinstance(m, AdapterLayer)]
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray for every test of the run that needs one (tests/test_ray.py, test_serve_ray.py)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()

@@ -1,6 +1,6 @@
 """Ray (``peftlab[dist]``): benchmark cells as Ray tasks and training under Ray Train's TorchTrainer.
 
-One local Ray (``ray.init(num_cpus=2)``) serves every test of the run; peftlab joins it instead
+One local Ray (conftest's ``local_ray``) serves every test of the run; peftlab joins it instead
 of starting its own.
 """
 from __future__ import annotations
@@ -19,13 +19,6 @@ ray = pytest.importorskip("ray")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_distributed import assert_same  # noqa: E402
 from test_tasks import char_tokenizer, tiny_llama  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    yield ray
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -16,21 +16,31 @@ from pathlib import Path
 from ..errors import ConfigError
 
 
-def build_server(base: str, adapters: dict, *, max_loras: int = 16, max_cpu_loras: int = 64, max_lora_rank: int = 16,
+def build_server(base: str, adapters: dict, *, keys: dict | None = None, adapter_root: str | None = None,
+                 max_prompt_tokens: int = 1024, max_tokens_limit: int = 512, drain_seconds: float = 60.0, **engine):
+    """(app, engine): the FastAPI app and its engine (``build_engine``, started by the app's
+    lifespan), with the API's keys and limits."""
+    from .app import Settings, create_app
+
+    server = build_engine(base, adapters, max_prompt_tokens=max_prompt_tokens, max_tokens_limit=max_tokens_limit, **engine)
+    settings = Settings(server.base_name, keys=keys, adapter_root=adapter_root, max_prompt_tokens=max_prompt_tokens,
+                        max_tokens_limit=max_tokens_limit, drain_seconds=drain_seconds)
+    return create_app(server, settings, server.metrics), server
+
+
+def build_engine(base: str, adapters: dict, *, max_loras: int = 16, max_cpu_loras: int = 64, max_lora_rank: int = 16,
                  max_batch: int = 32, max_step_tokens: int = 2048, max_queue: int = 256, max_prompt_tokens: int = 1024,
-                 max_tokens_limit: int = 512, keys: dict | None = None, adapter_root: str | None = None,
-                 device: str = "cpu", model=None, tokenizer=None, drain_seconds: float = 60.0, engine: str = "peftlab",
+                 max_tokens_limit: int = 512, device: str = "cpu", model=None, tokenizer=None, engine: str = "peftlab",
                  quantize: str | None = None, merge_share: float = 0.6, prefix_cache_tokens: int = 2048):
-    """(app, engine): the FastAPI app and its engine (started by the app's lifespan), with
-    ``adapters`` (``{name: folder}``) registered and checked up front. ``engine`` is peftlab's
-    continuous-batching engine, or a baseline over HF PEFT (``peft-mixed``, ``peft-swap``;
-    ``baselines.py``) behind the same API, for ``peftlab loadtest`` to compare. ``quantize``
-    (nf4, fp4, int8, int4) stores the decoder's linear layers so (QLoRA's base); adapters are
-    checked against the full-precision base they were trained on."""
+    """The engine, not started, with ``adapters`` (``{name: folder}``) registered and checked up
+    front. ``engine`` is peftlab's continuous-batching engine, or a baseline over HF PEFT
+    (``peft-mixed``, ``peft-swap``; ``baselines.py``) behind the same API, for ``peftlab loadtest``
+    to compare. ``quantize`` (nf4, fp4, int8, int4) stores the decoder's linear layers so (QLoRA's
+    base); adapters are checked against the full-precision base they were trained on."""
     from ..formats.io import fingerprint
     from ..models import load_model
     from ..tasks.generation import stop_token_ids
-    from .app import Settings, check_name, create_app, ApiError
+    from .app import ApiError, check_name
     from .engine import Engine
     from .lora_bank import LoraBank
     from .metrics import ServerMetrics
@@ -77,9 +87,7 @@ def build_server(base: str, adapters: dict, *, max_loras: int = 16, max_cpu_lora
         server = Engine(runner, bank, tokenizer, stop_ids, max_batch=max_batch, max_step_tokens=max_step_tokens,
                         max_queue=max_queue, max_context=context, metrics=metrics, base_name=base_name,
                         prefix_cache=prefix)
-    settings = Settings(base_name, keys=keys, adapter_root=adapter_root, max_prompt_tokens=max_prompt_tokens,
-                        max_tokens_limit=max_tokens_limit, drain_seconds=drain_seconds)
-    return create_app(server, settings, metrics), server
+    return server
 
 
 def require_serving_packages() -> None:
@@ -123,6 +131,11 @@ def add_parsers(commands) -> None:
                        help="serve on a quantized base: the decoder's linear layers in this format (the head stays fp32)")
     serve.add_argument("--engine", default="peftlab", choices=("peftlab", "peft-mixed", "peft-swap"),
                        help="peftlab's continuous batching, or a static-batch HF PEFT baseline (for loadtest)")
+    serve.add_argument("--ray", action="store_true",
+                       help="run the engine as replicas on Ray Serve (requests go to a replica holding their adapter)")
+    serve.add_argument("--replicas", type=int, default=2, help="with --ray: how many engines")
+    serve.add_argument("--address", help="with --ray: the Ray cluster to join (default: RAY_ADDRESS, or a local Ray)")
+    serve.add_argument("--replica-cpus", type=float, default=1, help="with --ray: CPUs Ray reserves for each replica")
     serve.set_defaults(func=run_serve)
 
     from .loadtest import add_parser as add_loadtest_parser
@@ -142,15 +155,38 @@ def run_serve(args) -> int:
     from ..cli import named_values
 
     adapters = named_values(args.adapter, "--adapter", "DIR")
-    app, engine = build_server(
-        args.base, adapters, max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, max_lora_rank=args.max_lora_rank,
-        max_batch=args.max_batch, max_step_tokens=args.max_step_tokens, max_queue=args.max_queue,
-        max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit,
-        keys=read_keys(args.api_keys, args.api_key), adapter_root=args.adapter_root, device=args.device,
-        engine=args.engine, quantize=args.quantize, merge_share=args.merge_share,
-        prefix_cache_tokens=args.prefix_cache_tokens)
+    options = dict(max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras, max_lora_rank=args.max_lora_rank,
+                   max_batch=args.max_batch, max_step_tokens=args.max_step_tokens, max_queue=args.max_queue,
+                   max_prompt_tokens=args.max_prompt_tokens, max_tokens_limit=args.max_tokens_limit,
+                   keys=read_keys(args.api_keys, args.api_key), adapter_root=args.adapter_root, device=args.device,
+                   quantize=args.quantize, merge_share=args.merge_share, prefix_cache_tokens=args.prefix_cache_tokens)
+    if args.ray:
+        return serve_on_ray(args, adapters, options)
+    app, engine = build_server(args.base, adapters, engine=args.engine, **options)
     serve_in_main_thread(app, engine, uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
                                                                     log_level="warning", timeout_graceful_shutdown=60)))
+    return 0
+
+
+def serve_on_ray(args, adapters: dict, options: dict) -> int:
+    """``--ray``: the replicas and the ingress on Ray Serve, until SIGINT / SIGTERM."""
+    import signal
+    import threading
+
+    from .replicas import deploy
+
+    if args.engine != "peftlab":
+        raise ConfigError(f"--ray runs peftlab's engine; --engine {args.engine} is a single-process baseline")
+    url = deploy(args.base, adapters, replicas=args.replicas, address=args.address, host=args.host, port=args.port,
+                 replica_cpus=args.replica_cpus, **options)
+    print(f"serving on {url}/v1 ({args.replicas} replicas on Ray Serve)", flush=True)
+    stop = threading.Event()
+    for sign in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sign, lambda *_: stop.set())
+    stop.wait()
+    from ray import serve
+
+    serve.shutdown()
     return 0
 
 

@@ -97,10 +97,11 @@ class ServerMetrics:
         if bank is not None:
             for level, value in bank.residency().items():
                 self.residency.set(value, level=level)
-            with bank.lock:
-                stats = dict(bank.stats)
-            for kind in ("slot_hits", "cpu_hits", "disk_loads"):
-                self.cache.set(stats[kind], result=kind)
+            if hasattr(bank, "stats"):  # an ingress's adapter directory keeps no cache: its replicas do
+                with bank.lock:
+                    stats = dict(bank.stats)
+                for kind in ("slot_hits", "cpu_hits", "disk_loads"):
+                    self.cache.set(stats[kind], result=kind)
         if prefix is not None:
             self.prefix_cached.set(prefix.cached_tokens())
         return "\n".join(line for metric in self.all for line in metric.render()) + "\n"
