@@ -135,6 +135,15 @@ def test_a_dead_replica_costs_only_the_requests_it_was_streaming(deployed, local
         assert "the replica running this request stopped" in events[-1] and "send the request again" in events[-1]
         assert len(events) > 1  # it had streamed text before the error
 
+    def running_replicas():
+        overview = serve.status().applications["peftlab-engine"].deployments["EngineReplica"]
+        return overview.replica_states.get("RUNNING", 0)
+
+    deadline = time.time() + 120
+    while running_replicas() < 2 and time.time() < deadline:  # Ray Serve starts a new one
+        time.sleep(1)
+    assert running_replicas() == 2
+
 
 class FakeCall:
     """A streamed call to a replica: its events, then (optionally) an error, as Ray raises it."""
